@@ -1,0 +1,3 @@
+from vmexec.agent.main import main
+
+main()

@@ -1,0 +1,175 @@
+"""One worker process: runs tasks one at a time, as a ProcessPoolExecutor worker does.
+
+The agent forks this process (or starts it fresh where fork is unavailable) with
+three pipes: tasks in, results out, and the user's stdout/stderr (fd 1 and 2) which
+the agent forwards as log text. ``logging`` records go through the results pipe as
+LOG messages so they keep their level and logger name.
+
+Imports only the standard library, cloudpickle and vmexec.protocol: runs on a bare machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+import cloudpickle
+
+from vmexec.protocol import FrameReader, Msg, decode, encode_frame
+
+# A result shorter than this is held back while more tasks of the same batch are
+# waiting, so that a burst of trivial tasks goes back in one frame instead of one
+# syscall each. A slower task flushes at once: its latency matters more than batching.
+_BATCH_TASK_SECONDS = 0.0002
+_BATCH_MAX_RESULTS = 256
+
+
+class _ForwardingHandler(logging.Handler):
+    """Queue every log record as a LOG message on the results pipe."""
+
+    def __init__(self, outbox: list[Any]) -> None:
+        super().__init__()
+        self._outbox = outbox
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+        except Exception:  # a bad format string must not kill the task
+            text = f"{record.msg!r} % {record.args!r}"
+        self._outbox.append((Msg.LOG, os.getpid(), "log", record.levelno, record.name, text))
+
+
+def _set_parent_death_signal() -> None:
+    """Ask Linux to kill this worker if the agent dies (so no orphaned tasks burn CPU)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):  # no libc symbol: the pipe EOF still ends us
+        pass
+
+
+def _describe_exception(exc: BaseException) -> bytes:
+    """Pickle an exception with its traceback text; substitute one that cannot be pickled."""
+    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        return cloudpickle.dumps((exc, tb_text))
+    except Exception as pickle_exc:
+        substitute = RuntimeError(
+            f"{type(exc).__module__}.{type(exc).__qualname__}: {exc} "
+            f"(the original exception could not be pickled: {pickle_exc})"
+        )
+        return cloudpickle.dumps((substitute, tb_text))
+
+
+def run_worker(
+    task_fd: int,
+    result_fd: int,
+    initializer: bytes | None,
+    max_tasks: int | None,
+    log_level: int,
+) -> int:
+    """Serve tasks until the agent closes the task pipe or ``max_tasks`` are done.
+
+    Returns the process exit status (0 normal, 3 initializer failed).
+    """
+    _set_parent_death_signal()
+    outbox: list[Any] = []
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(_ForwardingHandler(outbox))
+    root.setLevel(log_level)
+    # Pipes are block-buffered by default; line buffering makes print() appear while
+    # a long task is still running.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        except (AttributeError, ValueError):
+            pass
+
+    def flush() -> None:
+        if outbox:
+            data = encode_frame(outbox)
+            outbox.clear()
+            view = memoryview(data)
+            while view:
+                written = os.write(result_fd, view)
+                view = view[written:]
+
+    if initializer is not None:
+        try:
+            init_fn, init_args = cloudpickle.loads(initializer)
+            init_fn(*init_args)
+        except BaseException:
+            outbox.append((Msg.INIT_FAILED, traceback.format_exc()))
+            flush()
+            return 3
+
+    funcs: dict[bytes, Any] = {}
+    reader = FrameReader()
+    done = 0
+    while max_tasks is None or done < max_tasks:
+        try:
+            data = os.read(task_fd, 1 << 20)
+        except InterruptedError:
+            continue
+        if not data:
+            break
+        messages: list[Any] = []
+        for payload in reader.feed(data):
+            messages.extend(decode(payload))
+        remaining_tasks = sum(1 for m in messages if m[0] == Msg.TASK)
+        for message in messages:
+            kind = message[0]
+            if kind == Msg.FUNC:
+                funcs[message[1]] = message[2]
+                continue
+            if kind != Msg.TASK:
+                continue
+            _, task_id, digest, args_bytes, chunked = message
+            remaining_tasks -= 1
+            started = time.perf_counter()
+            try:
+                fn = funcs[digest]
+                if isinstance(fn, bytes):
+                    fn = funcs[digest] = cloudpickle.loads(fn)
+                value = _call(fn, cloudpickle.loads(args_bytes), chunked)
+                payload_out = cloudpickle.dumps(value)
+                ok = True
+            except BaseException as exc:
+                payload_out = _describe_exception(exc)
+                ok = False
+            elapsed = time.perf_counter() - started
+            outbox.append((Msg.RESULT, task_id, ok, payload_out, elapsed))
+            done += 1
+            if (
+                remaining_tasks == 0
+                or elapsed > _BATCH_TASK_SECONDS
+                or len(outbox) >= _BATCH_MAX_RESULTS
+                or (max_tasks is not None and done >= max_tasks)
+            ):
+                sys.stdout.flush()
+                sys.stderr.flush()
+                flush()
+            if max_tasks is not None and done >= max_tasks:
+                break
+        flush()
+    return 0
+
+
+def _call(fn: Callable[..., Any], call: Any, chunked: bool) -> Any:
+    if chunked:
+        # One work item holding many calls, as ProcessPoolExecutor's _process_chunk.
+        return [fn(*args) for args in call]
+    args, kwargs = call
+    return fn(*args, **kwargs)

@@ -1,0 +1,94 @@
+"""Executor-wide options, validated once; the one reader of ``VMEXEC_*`` variables.
+
+Provider-specific options (hosts, instance types, regions, ...) are validated by each
+provider's constructor; what lives here is what every provider shares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+from vmexec.errors import ConfigError
+
+ENV_PROVIDER = "VMEXEC_PROVIDER"
+DEFAULT_PROVIDER = "ec2"
+
+
+def provider_from_environment(explicit: Optional[str]) -> str:
+    """The provider name: the argument, else ``$VMEXEC_PROVIDER``, else ``"ec2"``."""
+    if explicit is not None:
+        if not isinstance(explicit, str):
+            raise ConfigError(f"provider must be a string such as 'local', got {explicit!r}")
+        return explicit
+    return os.environ.get(ENV_PROVIDER, "").strip() or DEFAULT_PROVIDER
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Timing and retry settings of one executor.
+
+    Attributes:
+        max_workers: task slots across the fleet (None: the provider decides).
+        max_retries: how many times a task whose worker died is tried again.
+        max_tasks_per_child: worker processes are replaced after this many tasks.
+        heartbeat_interval: seconds between heartbeats each way.
+        heartbeat_timeout: a machine silent this long is marked lost (its tasks re-queued).
+        watchdog_timeout: an agent that hears nothing from the client this long exits
+            (and powers its machine off on clouds).
+        connect_timeout: how long a machine may take to boot and answer.
+    """
+
+    max_workers: Optional[int]
+    max_retries: int = 3
+    max_tasks_per_child: Optional[int] = None
+    heartbeat_interval: float = 5.0
+    heartbeat_timeout: float = 60.0
+    watchdog_timeout: float = 180.0
+    connect_timeout: float = 900.0
+
+    def __post_init__(self) -> None:
+        _positive_int_or_none("max_workers", self.max_workers,
+                              "max_workers must be greater than 0")
+        if not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ConfigError(f"max_retries must be an int >= 0, got {self.max_retries!r}")
+        if self.max_tasks_per_child is not None:
+            if not isinstance(self.max_tasks_per_child, int):
+                raise TypeError("max_tasks_per_child must be an int or None")
+            if self.max_tasks_per_child <= 0:
+                raise ConfigError("max_tasks_per_child must be >= 1")
+        for name in ("heartbeat_interval", "heartbeat_timeout", "watchdog_timeout",
+                     "connect_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ConfigError(
+                f"heartbeat_timeout ({self.heartbeat_timeout}s) must exceed heartbeat_interval "
+                f"({self.heartbeat_interval}s), or every machine would be marked lost"
+            )
+        if self.watchdog_timeout <= self.heartbeat_interval:
+            raise ConfigError(
+                f"watchdog_timeout ({self.watchdog_timeout}s) must exceed heartbeat_interval "
+                f"({self.heartbeat_interval}s), or agents would stop while the client is alive"
+            )
+
+    @classmethod
+    def pop_from(cls, max_workers: Optional[int], max_retries: int,
+                 max_tasks_per_child: Optional[int], options: dict[str, Any]) -> "SchedulerConfig":
+        """Build from the executor's arguments, removing the fields found in ``options``."""
+        names = {f.name for f in dataclasses.fields(cls)} - {
+            "max_workers", "max_retries", "max_tasks_per_child"}
+        picked = {name: options.pop(name) for name in list(options) if name in names}
+        return cls(max_workers=max_workers, max_retries=max_retries,
+                   max_tasks_per_child=max_tasks_per_child, **picked)
+
+
+def _positive_int_or_none(name: str, value: Any, message: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be an int or None, got {value!r}")
+    if value <= 0:
+        raise ConfigError(message)

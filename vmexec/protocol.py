@@ -1,0 +1,164 @@
+"""The vmexec wire protocol: frames, message types and the handshake.
+
+Owns the byte format spoken between the client and ``python -m vmexec.agent``, and
+between the agent and its worker processes. Imports only the standard library and
+``vmexec.errors`` / ``vmexec._version``: it runs on a bare machine.
+
+Wire format
+-----------
+The agent's very first bytes are ``MAGIC``, so that anything a remote shell prints
+before the agent starts (a chatty ``.bashrc``) is recognised and reported instead of
+being parsed as a frame. After that, both directions carry frames::
+
+    +-----------------+-------------------------------------------+
+    | length: u32 BE  | pickle(list of messages)                  |
+    +-----------------+-------------------------------------------+
+
+A frame holds a *batch* of messages: batching is how one round trip carries hundreds
+of tasks. Each message is a tuple whose first item is a small int (see ``Msg``). User
+objects (callables, arguments, results) are never unpickled by the agent: they travel
+as opaque ``bytes`` made by cloudpickle on one end and loaded on the other, so the
+agent itself needs none of the user's modules.
+
+Handshake frames (the first frame each way) are plain dicts pickled with protocol 4,
+which every supported Python reads, so that a version mismatch is *reported* rather
+than failing inside unpickling.
+"""
+
+from __future__ import annotations
+
+import pickle
+import platform
+import struct
+import sys
+from typing import Any, Iterator
+
+from vmexec._version import __version__
+from vmexec.errors import ProtocolError, VersionMismatch
+
+PROTOCOL_VERSION = 1
+MAGIC = b"VMEXEC-AGENT\n"
+_HEADER = struct.Struct(">I")
+# A frame larger than this is either garbage on the stream or a task that should have
+# been staged another way; refusing it early keeps a corrupted length from making us
+# allocate gigabytes.
+MAX_FRAME_BYTES = 1 << 31
+_PICKLE_PROTOCOL = 5 if sys.version_info >= (3, 8) else 4
+_HANDSHAKE_PICKLE_PROTOCOL = 4
+
+
+class Msg:
+    """Message type codes (first item of every message tuple)."""
+
+    # client -> agent
+    FUNC = 1  # (FUNC, digest, callable_bytes)
+    TASK = 2  # (TASK, task_id, digest, args_bytes, chunked)
+    PING = 3  # (PING, client_monotonic)
+    SHUTDOWN = 4  # (SHUTDOWN,)
+    # agent -> client
+    RESULT = 10  # (RESULT, task_id, ok, payload_bytes, run_seconds)
+    LOST = 11  # (LOST, task_id, reason)
+    LOG = 12  # (LOG, worker_pid, stream, levelno, logger_name, text)
+    PONG = 13  # (PONG, client_monotonic)
+    BROKEN = 14  # (BROKEN, reason, traceback_text)
+    HEARTBEAT = 15  # (HEARTBEAT,)
+    REFUSED = 16  # (REFUSED, reason)
+    # worker -> agent only
+    INIT_FAILED = 20  # (INIT_FAILED, traceback_text)
+    READY = 21  # (READY, pid)
+
+
+def encode_frame(messages: list[Any]) -> bytes:
+    """Serialise a batch of messages into one frame (header + payload)."""
+    payload = pickle.dumps(messages, _PICKLE_PROTOCOL)
+    return _HEADER.pack(len(payload)) + payload
+
+
+def encode_handshake(info: dict[str, Any]) -> bytes:
+    """Serialise a handshake dict with a pickle protocol every Python 3 reads."""
+    payload = pickle.dumps(info, _HANDSHAKE_PICKLE_PROTOCOL)
+    return _HEADER.pack(len(payload)) + payload
+
+
+class FrameReader:
+    """Incremental frame parser: feed it bytes as they arrive, get whole payloads out.
+
+    Keeps one buffer and slices frames out of it, so a read of 1 MiB holding hundreds
+    of small frames costs one allocation per frame, not per byte.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Append ``data`` and yield every complete frame payload now available."""
+        buf = self._buf
+        buf += data
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            (length,) = _HEADER.unpack_from(buf, pos)
+            if length > MAX_FRAME_BYTES:
+                raise ProtocolError(
+                    f"frame of {length} bytes announced: the stream is corrupt or the far "
+                    "end is not a vmexec agent"
+                )
+            if end - pos - 4 < length:
+                break
+            yield bytes(buf[pos + 4 : pos + 4 + length])
+            pos += 4 + length
+        if pos:
+            del buf[:pos]
+
+    def pending_bytes(self) -> int:
+        return len(self._buf)
+
+
+def decode(payload: bytes) -> Any:
+    """Unpickle one frame payload (the agent's envelope only; user bytes stay opaque)."""
+    try:
+        return pickle.loads(payload)
+    except Exception as exc:  # a corrupted stream must not kill the reader silently
+        raise ProtocolError(f"undecodable frame ({len(payload)} bytes): {exc!r}") from exc
+
+
+def local_info(slots_hint: int | None = None) -> dict[str, Any]:
+    """What this end says about itself in the handshake."""
+    import os
+
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "python": tuple(sys.version_info[:3]),
+        "implementation": sys.implementation.name,
+        "vmexec": __version__,
+        "arch": platform.machine(),
+        "system": platform.system(),
+        "hostname": platform.node(),
+        "pid": os.getpid(),
+        "cpu_count": os.cpu_count() or 1,
+        "executable": sys.executable,
+    }
+
+
+def check_compatible(mine: dict[str, Any], theirs: dict[str, Any], where: str) -> None:
+    """Refuse a peer whose pickled code cannot run here.
+
+    Raises:
+        VersionMismatch: protocol version, Python implementation or minor version differ.
+    """
+    if theirs.get("protocol") != mine["protocol"]:
+        raise VersionMismatch(
+            f"{where} speaks vmexec protocol {theirs.get('protocol')!r} (vmexec "
+            f"{theirs.get('vmexec')}), this client speaks {mine['protocol']} (vmexec "
+            f"{mine['vmexec']}): install the same vmexec version on both ends"
+        )
+    mine_py = tuple(mine["python"][:2])
+    their_py = tuple(theirs.get("python", (0, 0))[:2])
+    if mine_py != their_py or theirs.get("implementation") != mine["implementation"]:
+        raise VersionMismatch(
+            f"{where} runs {theirs.get('implementation')} "
+            f"{'.'.join(map(str, their_py))} ({theirs.get('executable')}) but this client "
+            f"runs {mine['implementation']} {'.'.join(map(str, mine_py))}: pickled code "
+            "does not cross Python minor versions. Point the machine at a matching "
+            "interpreter (option python=...) or run the client with the machine's version"
+        )

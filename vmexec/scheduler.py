@@ -1,0 +1,703 @@
+"""The dispatcher: queue, in-flight windows, retries, machine lifecycle, scaling demand.
+
+Data flow::
+
+    VMExecutor.submit/map ──▶ pending deque ──(dispatcher thread)──▶ machine.inflight
+                                   ▲   │                              │ FUNC/TASK frames
+                                   │   └─ launch more machines ◀──────┤ (one writer)
+                        re-queue lost tasks                           ▼
+                                   │                         transport ──▶ agent
+                                   └──── reader thread (one per machine) ◀── RESULT/LOST/LOG
+                                                      │
+                                                      └──▶ Future.set_result / set_exception
+
+Threads and why each exists:
+
+* **dispatcher** (one per executor): the only thread that writes to transports, so
+  frames never interleave and no per-machine write lock is needed. It batches every
+  pending task a machine has room for into one frame, sends heartbeats, marks silent
+  machines lost, asks the provider for more machines while demand exceeds capacity, and
+  tears everything down at shutdown.
+* **reader** (one per machine): blocks on the transport, resolves futures. Resolving
+  happens outside the lock so user done-callbacks cannot deadlock the scheduler.
+* **connect** (one per booting machine): waits for the machine, does the handshake,
+  then hands the machine to the dispatcher. Machines join as they become ready.
+
+Windows: each machine may hold ``slots + extra`` tasks, where ``extra`` follows
+Little's law — enough queued work to keep every slot busy across one round trip
+(``slots * rtt / task_time``, doubled for jitter). Long tasks get a window of about
+their slot count (good balance across machines); tiny tasks get hundreds (each frame
+carries many tasks, so the round trip is paid once per batch, not per task).
+
+Must not import: boto3, paramiko, concrete providers or transports (only their bases).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import math
+import pickle
+import threading
+import time
+import weakref
+from concurrent.futures import Future
+from typing import Any, Deque, Optional
+
+from vmexec import protocol
+from vmexec.config import SchedulerConfig
+from vmexec.errors import (
+    BrokenFleet,
+    RemoteTraceback,
+    TransportError,
+    VersionMismatch,
+    WorkerLost,
+)
+from vmexec.logs import emit_remote
+from vmexec.protocol import FrameReader, Msg, decode, encode_frame, encode_handshake
+from vmexec.providers.base import MachineRecord, Provider
+from vmexec.transports.base import Transport
+
+logger = logging.getLogger("vmexec.scheduler")
+
+_READ_SIZE = 1 << 20
+_MAX_EXTRA_WINDOW = 4096
+_HANDSHAKE_TIMEOUT = 60.0
+# How many consecutive launch/connect failures, with no machine alive, break the fleet.
+_MAX_CONSECUTIVE_FAILURES = 3
+
+_task_ids = itertools.count(1)
+
+
+class WorkItem:
+    """One unit of work: a call, or a chunk of calls from ``map(chunksize>1)``."""
+
+    __slots__ = ("task_id", "future", "digest", "fn_bytes", "call_bytes", "chunked",
+                 "attempts", "label")
+
+    def __init__(self, future: Future[Any], digest: bytes, fn_bytes: bytes, call_bytes: bytes,
+                 chunked: bool, label: str) -> None:
+        self.task_id = next(_task_ids)
+        self.future = future
+        self.digest = digest
+        self.fn_bytes = fn_bytes
+        self.call_bytes = call_bytes
+        self.chunked = chunked
+        self.attempts = 0
+        self.label = label
+
+
+class Machine:
+    """The scheduler's view of one connected machine."""
+
+    def __init__(self, record: MachineRecord, transport: Transport, info: dict[str, Any],
+                 slots: int) -> None:
+        self.record = record
+        self.transport = transport
+        self.info = info
+        self.slots = slots
+        self.label = record.label
+        self.inflight: dict[int, WorkItem] = {}
+        self.digests: set[bytes] = set()
+        self.state = "ready"  # ready -> draining -> closed | lost
+        self.last_heard = time.monotonic()
+        self.rtt = 0.001
+        self.avg_task_seconds: Optional[float] = None
+        self.reader: Optional[threading.Thread] = None
+        # Messages waiting to be written, and whether a thread is writing them now
+        # (both guarded by the scheduler lock; see Scheduler._enqueue_locked).
+        self.outbox: list[Any] = []
+        self.writing = False
+
+    def window(self) -> int:
+        if self.avg_task_seconds is None:
+            return 2 * self.slots + 8  # until the first results tell us the task length
+        extra = 2 * self.slots * self.rtt / max(self.avg_task_seconds, 1e-6)
+        return self.slots + max(1, min(_MAX_EXTRA_WINDOW, math.ceil(extra)))
+
+    def __repr__(self) -> str:
+        return f"<Machine {self.label} {self.state} slots={self.slots} inflight={len(self.inflight)}>"
+
+
+class Scheduler:
+    """Runs work items on the provider's machines. Thread-safe; one per executor."""
+
+    def __init__(self, provider: Provider, config: SchedulerConfig,
+                 initializer: Optional[bytes], poweroff: bool = False) -> None:
+        self._provider = provider
+        self._config = config
+        self._initializer = initializer
+        self._poweroff = poweroff
+        self._local_info = protocol.local_info()
+        # One lock for all scheduler state; held only for bookkeeping, never for I/O.
+        self._lock = threading.Lock()
+        # Wakes the dispatcher: new work, a window freed, a machine joined or was lost,
+        # shutdown. Without it the dispatcher would have to poll.
+        self._wake = threading.Condition(self._lock)
+        self._pending: Deque[WorkItem] = collections.deque()
+        self._machines: list[Machine] = []
+        self._connecting: dict[str, MachineRecord] = {}
+        self._booting_slots = 0
+        self._provider_exhausted = False
+        self._consecutive_failures = 0
+        self._last_failure: Optional[BaseException] = None
+        self._shutdown = False
+        self._broken: Optional[BrokenFleet] = None
+        self._closed = threading.Event()
+        self._dispatcher: Optional[threading.Thread] = None
+        self._launching = False
+        self._max_workers = config.max_workers
+        _live_schedulers.add(self)
+
+    # -- public API (called by the executor) ----------------------------------------
+    @property
+    def broken(self) -> Optional[BrokenFleet]:
+        return self._broken
+
+    def submit(self, items: list[WorkItem]) -> None:
+        """Queue work items (their futures are PENDING until dispatched)."""
+        with self._lock:
+            if self._broken is not None:
+                raise self._broken_error()
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._pending.extend(items)
+            if self._dispatcher is None:
+                self._dispatcher = threading.Thread(
+                    target=self._dispatch_loop, name="vmexec-dispatcher", daemon=True)
+                self._dispatcher.start()
+            # Fast path: when a machine has room, send from this thread instead of
+            # waking the dispatcher — one thread hop less on every submit().
+            to_flush = self._take_batches_locked()
+            if self._pending:
+                self._wake.notify()
+        for machine in to_flush:
+            self._flush(machine)
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        """Stop accepting work; optionally cancel queued work; tear down when idle."""
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                for item in self._pending:
+                    item.future.cancel()
+                self._pending.clear()
+            dispatcher = self._dispatcher
+            self._wake.notify()
+        if dispatcher is None:
+            self._teardown()
+        elif wait and dispatcher is not threading.current_thread():
+            dispatcher.join()
+
+    def machines(self) -> list[Machine]:
+        with self._lock:
+            return list(self._machines)
+
+    def outstanding(self) -> int:
+        with self._lock:
+            return len(self._pending) + sum(len(m.inflight) for m in self._machines)
+
+    # -- dispatcher -----------------------------------------------------------------
+    def _dispatch_loop(self) -> None:
+        next_heartbeat = time.monotonic() + self._config.heartbeat_interval
+        try:
+            while True:
+                with self._lock:
+                    while not self._dispatch_needed_locked():
+                        delay = next_heartbeat - time.monotonic()
+                        if delay <= 0:
+                            break
+                        self._wake.wait(delay)
+                    if self._broken is not None:
+                        break
+                    batches = self._take_batches_locked()
+                    launch_slots = self._launch_demand_locked()
+                    done = self._shutdown and not self._pending and not any(
+                        m.inflight for m in self._machines)
+                for machine in batches:
+                    self._flush(machine)
+                if launch_slots:
+                    threading.Thread(target=self._launch, args=(launch_slots,),
+                                     name="vmexec-launch", daemon=True).start()
+                now = time.monotonic()
+                if now >= next_heartbeat:
+                    self._heartbeat(now)
+                    next_heartbeat = now + self._config.heartbeat_interval
+                if done:
+                    break
+        except BaseException as exc:  # a bug here must fail futures, not hang them
+            logger.exception("vmexec dispatcher failed")
+            self._break(BrokenFleet(f"the vmexec dispatcher failed: {exc!r}"), exc)
+        finally:
+            self._teardown()
+
+    def _dispatch_needed_locked(self) -> bool:
+        if self._broken is not None:
+            return True
+        if self._shutdown and not self._pending and not any(m.inflight for m in self._machines):
+            return True
+        if not self._pending:
+            return False
+        if self._launch_demand_locked(peek=True):
+            return True
+        return any(m.state == "ready" and len(m.inflight) < m.window() for m in self._machines)
+
+    def _take_batches_locked(self) -> list[Machine]:
+        """Move pending items into machine windows; return the machines to flush."""
+        ready = [m for m in self._machines if m.state == "ready"]
+        if not ready or not self._pending:
+            return []
+        assigned: dict[Machine, list[WorkItem]] = {}
+
+        def give(machine: Machine, count: int) -> None:
+            items = assigned.setdefault(machine, [])
+            while count > 0 and self._pending:
+                item = self._pending.popleft()
+                # PENDING -> RUNNING; False means the user cancelled it while queued.
+                if not item.future.set_running_or_notify_cancel():
+                    continue
+                machine.inflight[item.task_id] = item
+                items.append(item)
+                count -= 1
+
+        # First fill free slots everywhere, so work spreads over machines ...
+        for machine in ready:
+            give(machine, machine.slots - len(machine.inflight))
+        # ... then top up windows with fair shares of what is left.
+        while self._pending:
+            room = [m for m in ready if len(m.inflight) < m.window()]
+            if not room:
+                break
+            share = math.ceil(len(self._pending) / len(room))
+            for machine in room:
+                give(machine, min(share, machine.window() - len(machine.inflight)))
+        to_flush = []
+        for machine, items in assigned.items():
+            if not items:
+                continue
+            messages: list[Any] = []
+            for item in items:
+                if item.digest not in machine.digests:
+                    messages.append((Msg.FUNC, item.digest, item.fn_bytes))
+                    machine.digests.add(item.digest)
+                messages.append((Msg.TASK, item.task_id, item.digest, item.call_bytes,
+                                 item.chunked))
+            if self._enqueue_locked(machine, messages):
+                to_flush.append(machine)
+        return to_flush
+
+    def _enqueue_locked(self, machine: Machine, messages: list[Any]) -> bool:
+        """Queue messages for ``machine``; True when the caller must ``_flush`` it.
+
+        Any thread may send (the dispatcher, a submitting thread on the fast path, the
+        heartbeat). Messages are appended in order under the scheduler lock and exactly
+        one thread at a time — the one that found the machine not ``writing`` — writes
+        them out, without holding the lock during I/O. Order matters: a FUNC must reach
+        the agent before the first TASK that uses it.
+        """
+        machine.outbox.extend(messages)
+        if machine.writing:
+            return False  # the thread writing now will pick these up
+        machine.writing = True
+        return True
+
+    def _flush(self, machine: Machine) -> None:
+        while True:
+            with self._lock:
+                messages = machine.outbox
+                if not messages or machine.state not in ("ready", "draining"):
+                    machine.outbox = []
+                    machine.writing = False
+                    return
+                machine.outbox = []
+            try:
+                machine.transport.write(encode_frame(messages))
+            except TransportError as exc:
+                with self._lock:
+                    machine.writing = False
+                self._machine_lost(machine, f"sending to it failed: {exc}")
+                return
+
+    def _heartbeat(self, now: float) -> None:
+        for machine in self.machines():
+            if machine.state not in ("ready", "draining"):
+                continue
+            silent = now - machine.last_heard
+            if silent > self._config.heartbeat_timeout:
+                self._machine_lost(machine, f"no heartbeat for {silent:.0f}s "
+                                            f"(heartbeat_timeout={self._config.heartbeat_timeout}s)")
+                continue
+            with self._lock:
+                must_flush = self._enqueue_locked(machine, [(Msg.PING, time.monotonic())])
+            if must_flush:
+                self._flush(machine)
+
+    # -- scaling --------------------------------------------------------------------
+    def _capacity_locked(self) -> int:
+        live = sum(m.slots for m in self._machines if m.state == "ready")
+        return live + self._booting_slots
+
+    def _launch_demand_locked(self, peek: bool = False) -> int:
+        """Slots to ask the provider for now (0: enough, or nothing more to ask)."""
+        if self._launching or self._provider_exhausted or self._shutdown and not self._pending:
+            return 0
+        demand = len(self._pending) + sum(len(m.inflight) for m in self._machines)
+        if self._max_workers is not None:
+            demand = min(demand, self._max_workers)
+        missing = demand - self._capacity_locked()
+        if missing <= 0:
+            return 0
+        if not peek:
+            self._launching = True
+        return missing
+
+    def _launch(self, slots: int) -> None:
+        try:
+            records = self._provider.launch(slots)
+        except Exception as exc:
+            logger.warning("launching machines failed: %s", exc)
+            with self._lock:
+                self._launching = False
+            self._record_failure(exc)
+            return
+        with self._lock:
+            self._launching = False
+            if not records:
+                self._provider_exhausted = True
+            for record in records:
+                self._connecting[record.id] = record
+                self._booting_slots += max(1, record.slots)
+            self._wake.notify()
+        if not records:
+            self._check_starved()
+        for record in records:
+            threading.Thread(target=self._connect, args=(record,),
+                             name=f"vmexec-connect-{record.label}", daemon=True).start()
+
+    def _connect(self, record: MachineRecord) -> None:
+        transport: Optional[Transport] = None
+        try:
+            transport = self._provider.connect(record, self._config.connect_timeout)
+            info, reader = self._handshake(transport, record)
+        except BaseException as exc:  # includes VersionMismatch, TransportError, bugs
+            if transport is not None:
+                transport.close()
+            self._provider.terminate([record])
+            with self._lock:
+                self._connecting.pop(record.id, None)
+                self._booting_slots -= max(1, record.slots)
+                self._provider_exhausted = False if self._provider.can_replace() else \
+                    self._provider_exhausted
+            if isinstance(exc, VersionMismatch):
+                self._break(BrokenFleet(f"machine {record.label} refused: {exc}"), exc)
+                return
+            logger.warning("machine %s could not be used: %s", record.label, exc)
+            self._record_failure(exc)
+            return
+        with self._lock:
+            self._connecting.pop(record.id, None)
+            self._booting_slots -= max(1, record.slots)
+            machine = self._machines_add_locked(record, transport, info)
+            self._consecutive_failures = 0
+            self._wake.notify()
+        if machine is None:
+            return
+        machine.reader = threading.Thread(target=self._read_loop, args=(machine, reader),
+                                          name=f"vmexec-reader-{record.label}", daemon=True)
+        machine.reader.start()
+
+    def _machines_add_locked(self, record: MachineRecord, transport: Transport,
+                             info: dict[str, Any]) -> Optional[Machine]:
+        slots = info["slots"]
+        machine = Machine(record, transport, info, slots)
+        if self._broken is not None or (self._shutdown and not self._pending):
+            machine.state = "closed"
+            threading.Thread(target=self._close_machine, args=(machine,), daemon=True).start()
+            return None
+        self._machines.append(machine)
+        record.state = "ready"
+        logger.info("machine %s ready: %s %s, Python %s, %d slots", record.label,
+                    info.get("hostname"), info.get("arch"),
+                    ".".join(map(str, info.get("python", ())[:3])), slots)
+        return machine
+
+    def _handshake(self, transport: Transport, record: MachineRecord
+                   ) -> tuple[dict[str, Any], FrameReader]:
+        """Read the agent's hello, check it, send ours. Bounded by a timer."""
+        timer = threading.Timer(_HANDSHAKE_TIMEOUT, transport.close)
+        timer.daemon = True
+        timer.start()
+        try:
+            buf = b""
+            while len(buf) < len(protocol.MAGIC):
+                data = transport.read(len(protocol.MAGIC) - len(buf))
+                if not data:
+                    raise TransportError(
+                        f"{record.label}: the agent exited before its handshake. "
+                        f"{transport.diagnostics()}")
+                buf += data
+                if not protocol.MAGIC.startswith(buf):
+                    more = transport.read(4096)
+                    raise TransportError(
+                        f"{record.label}: expected the vmexec agent but the machine printed "
+                        f"{(buf + more)[:200]!r}. A shell startup file that prints text, or a "
+                        "missing vmexec install on the machine, causes this. "
+                        f"{transport.diagnostics()}")
+            reader = FrameReader()
+            hello = None
+            while hello is None:
+                data = transport.read(_READ_SIZE)
+                if not data:
+                    raise TransportError(f"{record.label}: the agent closed the stream during "
+                                         f"the handshake. {transport.diagnostics()}")
+                for payload in reader.feed(data):
+                    hello = decode(payload)
+                    break
+            protocol.check_compatible(self._local_info, hello, where=f"machine {record.label}")
+            slots = record.slots or int(hello.get("cpu_count", 1))
+            with self._lock:
+                if self._max_workers is not None:
+                    used = sum(m.slots for m in self._machines if m.state == "ready")
+                    slots = max(1, min(slots, self._max_workers - used))
+            hello["slots"] = slots
+            transport.write(encode_handshake({
+                **self._local_info,
+                "slots": slots,
+                "initializer": self._initializer,
+                "max_tasks_per_child": self._config.max_tasks_per_child,
+                "log_level": logging.getLogger().getEffectiveLevel(),
+                "heartbeat_interval": self._config.heartbeat_interval,
+                "watchdog_timeout": self._config.watchdog_timeout,
+                "poweroff": self._poweroff,
+            }))
+            return hello, reader
+        finally:
+            timer.cancel()
+
+    def _record_failure(self, exc: BaseException) -> None:
+        with self._lock:
+            self._consecutive_failures += 1
+            self._last_failure = exc
+        self._check_starved()
+
+    def _check_starved(self) -> None:
+        """Break the fleet when work is waiting and no machine can ever take it."""
+        with self._lock:
+            alive = any(m.state == "ready" for m in self._machines)
+            waiting = bool(self._pending) or any(m.inflight for m in self._machines)
+            hopeless = self._provider_exhausted or \
+                self._consecutive_failures >= _MAX_CONSECUTIVE_FAILURES
+            if alive or self._connecting or self._launching or not waiting or not hopeless:
+                if not alive and not self._connecting and not self._launching:
+                    self._wake.notify()  # let the dispatcher try another launch
+                return
+            cause = self._last_failure
+        reason = f"no machine can run tasks: {cause}" if cause else \
+            "no machine can run tasks: every machine was lost and none can be added"
+        self._break(BrokenFleet(reason), cause)
+
+    # -- reading results ------------------------------------------------------------
+    def _read_loop(self, machine: Machine, reader: FrameReader) -> None:
+        reason = "the agent closed the connection"
+        try:
+            while True:
+                data = machine.transport.read(_READ_SIZE)
+                if not data:
+                    break
+                machine.last_heard = time.monotonic()
+                for payload in reader.feed(data):
+                    self._handle(machine, decode(payload))
+        except Exception as exc:  # any failure of this stream loses this machine only
+            reason = f"reading from it failed: {exc!r}"
+        if machine.state in ("ready", "draining"):
+            diagnostics = machine.transport.diagnostics()
+            self._machine_lost(machine, reason + (f" ({diagnostics})" if diagnostics else ""))
+
+    def _handle(self, machine: Machine, messages: list[Any]) -> None:
+        finished: list[tuple[WorkItem, tuple[Any, ...]]] = []
+        lost: list[tuple[int, str]] = []
+        for message in messages:
+            kind = message[0]
+            if kind == Msg.RESULT:
+                finished.append((None, message))  # type: ignore[arg-type]
+            elif kind == Msg.LOST:
+                lost.append((message[1], message[2]))
+            elif kind == Msg.LOG:
+                emit_remote(machine.label, message[1], message[2], message[3], message[4],
+                            message[5])
+            elif kind == Msg.PONG:
+                machine.rtt = 0.7 * machine.rtt + 0.3 * (time.monotonic() - message[1])
+            elif kind == Msg.BROKEN:
+                self._break(BrokenFleet(
+                    f"a worker on machine {machine.label} failed to start: {message[1]}; "
+                    "the executor is not usable any more"),
+                    RemoteTraceback(f'\n"""\n{message[2]}"""'))
+                return
+            elif kind == Msg.REFUSED:
+                self._break(BrokenFleet(f"machine {machine.label} refused: {message[1]}"))
+                return
+        if not finished and not lost:
+            return
+        with self._lock:
+            resolved = []
+            for _, message in finished:
+                item = machine.inflight.pop(message[1], None)
+                if item is not None:
+                    resolved.append((item, message))
+            failed = []
+            for task_id, why in lost:
+                item = machine.inflight.pop(task_id, None)
+                if item is not None:
+                    error = self._requeue_or_fail_locked(item, f"worker on machine "
+                                                              f"{machine.label}: {why}")
+                    if error is not None:
+                        failed.append((item, error))
+            if self._pending:
+                self._wake.notify()
+        for item, message in resolved:
+            self._resolve(machine, item, message)
+        for item, error in failed:
+            _set_exception(item.future, error)
+
+    def _resolve(self, machine: Machine, item: WorkItem, message: tuple[Any, ...]) -> None:
+        _, _, ok, payload, seconds = message
+        if machine.avg_task_seconds is None:
+            machine.avg_task_seconds = seconds
+        else:
+            machine.avg_task_seconds = 0.9 * machine.avg_task_seconds + 0.1 * seconds
+        try:
+            value = pickle.loads(payload)
+        except Exception as exc:
+            _set_exception(item.future, RuntimeError(
+                f"the result of {item.label} from machine {machine.label} could not be "
+                f"unpickled on the client: {exc!r}. Is the class it returns importable here?"))
+            return
+        if ok:
+            try:
+                item.future.set_result(value)
+            except Exception:  # already failed (fleet broke) or cancelled: first wins
+                pass
+            return
+        exc, tb_text = value
+        exc.__cause__ = RemoteTraceback(
+            f'\n"""\nTraceback from machine {machine.label}:\n{tb_text}"""')
+        _set_exception(item.future, exc)
+
+    def _requeue_or_fail_locked(self, item: WorkItem, why: str) -> Optional[BaseException]:
+        item.attempts += 1
+        if item.attempts > self._config.max_retries:
+            return WorkerLost(
+                f"{item.label} was lost {item.attempts} times (max_retries="
+                f"{self._config.max_retries}); last: {why}. Check the machine's memory "
+                "(the kernel's OOM killer), crashes in native code, or os._exit() in the "
+                "task; raise max_retries to try more often.")
+        logger.info("re-queueing %s (attempt %d): %s", item.label, item.attempts + 1, why)
+        self._pending.appendleft(item)
+        return None
+
+    # -- machine loss, breaking, teardown -------------------------------------------
+    def _machine_lost(self, machine: Machine, reason: str) -> None:
+        with self._lock:
+            if machine.state not in ("ready", "draining"):
+                return
+            machine.state = "lost"
+            machine.record.state = "lost"
+            items = sorted(machine.inflight.values(), key=lambda i: i.task_id, reverse=True)
+            machine.inflight.clear()
+            failed = []
+            for item in items:
+                error = self._requeue_or_fail_locked(item, f"machine {machine.label} was lost "
+                                                           f"({reason})")
+                if error is not None:
+                    failed.append((item, error))
+            self._machines.remove(machine)
+            if self._provider.can_replace():
+                self._provider_exhausted = False
+            self._last_failure = TransportError(f"machine {machine.label} was lost: {reason}")
+            self._wake.notify()
+        logger.warning("machine %s lost: %s; %d task(s) re-queued", machine.label, reason,
+                       len(items) - len(failed))
+        for item, error in failed:
+            _set_exception(item.future, error)
+        threading.Thread(target=self._close_machine, args=(machine,), daemon=True).start()
+        self._check_starved()
+
+    def _close_machine(self, machine: Machine) -> None:
+        try:
+            machine.transport.close()
+        finally:
+            self._provider.terminate([machine.record])
+
+    def _broken_error(self) -> BrokenFleet:
+        assert self._broken is not None
+        error = BrokenFleet(str(self._broken))
+        error.__cause__ = self._broken.__cause__
+        return error
+
+    def _break(self, error: BrokenFleet, cause: Optional[BaseException] = None) -> None:
+        with self._lock:
+            if self._broken is not None:
+                return
+            if cause is not None:
+                error.__cause__ = cause
+            self._broken = error
+            items = list(self._pending)
+            self._pending.clear()
+            for machine in self._machines:
+                items.extend(machine.inflight.values())
+                machine.inflight.clear()
+            self._wake.notify()
+        logger.error("%s", error)
+        for item in items:
+            _set_exception(item.future, self._broken_error())
+
+    def _teardown(self) -> None:
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            machines = list(self._machines)
+            for machine in machines:
+                machine.state = "closed"
+        for machine in machines:
+            try:
+                machine.transport.write(encode_frame([(Msg.SHUTDOWN,)]))
+            except TransportError:
+                pass
+        for machine in machines:
+            machine.transport.close()
+        for machine in machines:
+            if machine.reader is not None and machine.reader is not threading.current_thread():
+                machine.reader.join(timeout=10)
+        try:
+            self._provider.terminate(None)
+        except Exception:
+            logger.exception("terminating the fleet failed; run `vmexec cleanup` to remove "
+                             "what is left")
+        _live_schedulers.discard(self)
+
+
+def _set_exception(future: Future[Any], error: BaseException) -> None:
+    try:
+        future.set_exception(error)
+    except Exception:  # already resolved or cancelled: the first outcome stands
+        pass
+
+
+# Every scheduler still alive, so interpreter exit can finish their work and tear their
+# machines down (the executor may have been garbage-collected without shutdown()).
+_live_schedulers: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
+
+
+def _python_exit() -> None:
+    for scheduler in list(_live_schedulers):
+        scheduler.shutdown(wait=True)
+
+
+try:  # runs before non-daemon threads are joined, as concurrent.futures does
+    threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
+except AttributeError:  # pragma: no cover - Python < 3.9
+    import atexit
+
+    atexit.register(_python_exit)

@@ -1,0 +1,1 @@
+"""Byte streams to agents: ``base`` is the interface, ``local`` pipes, ``ssh`` paramiko."""
