@@ -37,7 +37,7 @@ class SchedulerConfig:
         heartbeat_timeout: a machine silent this long is marked lost (its tasks re-queued).
         watchdog_timeout: an agent that hears nothing from the client this long exits
             (and powers its machine off on clouds).
-        connect_timeout: how long a machine may take to boot and answer.
+        boot_timeout: how long a machine may take to boot and answer.
     """
 
     max_workers: Optional[int]
@@ -46,7 +46,7 @@ class SchedulerConfig:
     heartbeat_interval: float = 5.0
     heartbeat_timeout: float = 60.0
     watchdog_timeout: float = 180.0
-    connect_timeout: float = 900.0
+    boot_timeout: float = 900.0
 
     def __post_init__(self) -> None:
         _positive_int_or_none("max_workers", self.max_workers,
@@ -59,7 +59,7 @@ class SchedulerConfig:
             if self.max_tasks_per_child <= 0:
                 raise ConfigError("max_tasks_per_child must be >= 1")
         for name in ("heartbeat_interval", "heartbeat_timeout", "watchdog_timeout",
-                     "connect_timeout"):
+                     "boot_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")

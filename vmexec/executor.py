@@ -52,7 +52,7 @@ class VMExecutor(Executor):
         **provider_options: options of the chosen provider (e.g. ``machines=`` for local,
             ``hosts=`` for ssh), and the timing options of ``SchedulerConfig``
             (``heartbeat_interval``, ``heartbeat_timeout``, ``watchdog_timeout``,
-            ``connect_timeout``).
+            ``boot_timeout``).
 
     Raises:
         ValueError: (``ConfigError``) for an invalid argument, before anything starts.
@@ -68,7 +68,7 @@ class VMExecutor(Executor):
             raise TypeError("initializer must be a callable")
         name = provider_from_environment(provider)
         provider_class = get_provider_class(name)
-        self._provider: Provider = provider_class(max_workers, **provider_options)
+        self._provider: Provider = provider_class(max_workers=max_workers, **provider_options)
         initializer_bytes = None
         if initializer is not None:
             pickling.register_user_modules()

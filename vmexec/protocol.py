@@ -31,7 +31,7 @@ import pickle
 import platform
 import struct
 import sys
-from typing import Any, Iterator
+from typing import Any
 
 from vmexec._version import __version__
 from vmexec.errors import ProtocolError, VersionMismatch
@@ -90,10 +90,11 @@ class FrameReader:
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        """Append ``data`` and yield every complete frame payload now available."""
+    def feed(self, data: bytes) -> list[bytes]:
+        """Append ``data``; return every complete frame payload now available, in order."""
         buf = self._buf
         buf += data
+        frames = []
         pos = 0
         end = len(buf)
         while end - pos >= 4:
@@ -105,10 +106,11 @@ class FrameReader:
                 )
             if end - pos - 4 < length:
                 break
-            yield bytes(buf[pos + 4 : pos + 4 + length])
+            frames.append(bytes(buf[pos + 4 : pos + 4 + length]))
             pos += 4 + length
         if pos:
             del buf[:pos]
+        return frames
 
     def pending_bytes(self) -> int:
         return len(self._buf)

@@ -255,7 +255,8 @@ class Scheduler:
             while count > 0 and self._pending:
                 item = self._pending.popleft()
                 # PENDING -> RUNNING; False means the user cancelled it while queued.
-                if not item.future.set_running_or_notify_cancel():
+                # A re-queued item (attempts > 0) is RUNNING already.
+                if item.attempts == 0 and not item.future.set_running_or_notify_cancel():
                     continue
                 machine.inflight[item.task_id] = item
                 items.append(item)
@@ -378,7 +379,7 @@ class Scheduler:
     def _connect(self, record: MachineRecord) -> None:
         transport: Optional[Transport] = None
         try:
-            transport = self._provider.connect(record, self._config.connect_timeout)
+            transport = self._provider.connect(record, self._config.boot_timeout)
             info, reader = self._handshake(transport, record)
         except BaseException as exc:  # includes VersionMismatch, TransportError, bugs
             if transport is not None:
@@ -445,15 +446,15 @@ class Scheduler:
                         "missing vmexec install on the machine, causes this. "
                         f"{transport.diagnostics()}")
             reader = FrameReader()
-            hello = None
-            while hello is None:
+            frames: list[bytes] = []
+            while not frames:
                 data = transport.read(_READ_SIZE)
                 if not data:
                     raise TransportError(f"{record.label}: the agent closed the stream during "
                                          f"the handshake. {transport.diagnostics()}")
-                for payload in reader.feed(data):
-                    hello = decode(payload)
-                    break
+                frames = reader.feed(data)
+            # The agent says nothing more until it has our hello: no frames left behind.
+            hello = decode(frames[0])
             protocol.check_compatible(self._local_info, hello, where=f"machine {record.label}")
             slots = record.slots or int(hello.get("cpu_count", 1))
             with self._lock:

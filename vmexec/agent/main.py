@@ -107,6 +107,7 @@ class Agent:
         # task id -> task, for every task handed to a worker and not yet answered, so
         # that tasks stuck behind a dead worker's running task can be re-queued.
         self._pending_tasks: dict[int, tuple[int, bytes, bytes, bool]] = {}
+        self._early_frames: list[bytes] = []
 
     # -- stream to the client ------------------------------------------------------
     def _write_client(self, data: bytes) -> None:
@@ -125,16 +126,16 @@ class Agent:
             self.outbox = []
             self._write_client(frame)
 
-    def _read_exact_frame(self) -> bytes:
-        """Blocking read of one frame from the client (handshake only)."""
+    def _read_handshake(self) -> bytes:
+        """Blocking read of the client's first frame; later frames stay queued."""
         while True:
-            for payload in self.reader.feed(b""):
-                return payload
             data = os.read(self.stdin_fd, _READ_SIZE)
             if not data:
                 raise EOFError("client closed the stream during the handshake")
-            for payload in self.reader.feed(data):
-                return payload
+            frames = self.reader.feed(data)
+            if frames:
+                self._early_frames = frames[1:]
+                return frames[0]
 
     # -- handshake -----------------------------------------------------------------
     def handshake(self) -> bool:
@@ -142,7 +143,7 @@ class Agent:
         info["python"] = PYTHON_VERSION
         self._write_client(protocol.MAGIC + protocol.encode_handshake(info))
         try:
-            hello = decode(self._read_exact_frame())
+            hello = decode(self._read_handshake())
         except EOFError:
             return False
         mine = dict(info)
@@ -404,7 +405,11 @@ class Agent:
         if not data:
             return False
         self.last_heard = time.monotonic()
-        for payload in self.reader.feed(data):
+        self._on_client_frames(self.reader.feed(data))
+        return True
+
+    def _on_client_frames(self, frames: list[bytes]) -> None:
+        for payload in frames:
             for message in decode(payload):
                 kind = message[0]
                 if kind == Msg.TASK:
@@ -415,12 +420,12 @@ class Agent:
                     self.outbox.append((Msg.PONG, message[1]))
                 elif kind == Msg.SHUTDOWN:
                     self.stopping = True
-        return True
 
     # -- main loop ------------------------------------------------------------------
     def run(self) -> int:
         if not self.handshake():
             return 2
+        self._on_client_frames(self._early_frames)  # sent right behind the handshake
         os.set_blocking(self.stdin_fd, False)
         self.sel.register(self.stdin_fd, selectors.EVENT_READ, ("client", None))
         exit_code = 0

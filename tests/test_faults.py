@@ -1,0 +1,140 @@
+"""Faults: agents whose client vanished, version mismatch, bad input, lost machines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+import helpers
+from helpers_wait import wait_until
+from vmexec import BrokenFleet, ConfigError, ProviderNotAvailable, VersionMismatch, VMExecutor
+from vmexec import protocol
+from vmexec.protocol import FrameReader, Msg, decode, encode_frame
+from vmexec.transports.local import LocalTransport
+
+
+def _start_agent(watchdog: float, heartbeat: float = 0.2) -> tuple[LocalTransport, FrameReader]:
+    transport = LocalTransport([sys.executable, "-m", "vmexec.agent"], label="test-agent")
+    magic = b""
+    while len(magic) < len(protocol.MAGIC):
+        magic += transport.read(len(protocol.MAGIC) - len(magic))
+    assert magic == protocol.MAGIC
+    reader = FrameReader()
+    hello = None
+    while hello is None:
+        for payload in reader.feed(transport.read(1 << 16)):
+            hello = decode(payload)
+    assert hello["cpu_count"] >= 1 and hello["python"][:2] == tuple(sys.version_info[:2])
+    transport.write(protocol.encode_handshake({
+        **protocol.local_info(), "slots": 1, "initializer": None,
+        "max_tasks_per_child": None, "log_level": 30, "heartbeat_interval": heartbeat,
+        "watchdog_timeout": watchdog, "poweroff": False}))
+    return transport, reader
+
+
+def test_agent_watchdog_ends_an_agent_whose_client_went_silent():
+    transport, reader = _start_agent(watchdog=1.0)
+    agent = psutil.Process(transport.pid)
+    # The stream stays open but nothing is sent: a client on a dead network link.
+    agent.wait(timeout=30)
+    assert "nothing from the client" in transport.diagnostics()
+    transport.close()
+
+
+def test_agent_answers_pings_and_sends_heartbeats():
+    transport, reader = _start_agent(watchdog=30.0, heartbeat=0.2)
+    transport.write(encode_frame([(Msg.PING, 12.5)]))
+    kinds: list[int] = []
+    deadline = time.monotonic() + 20
+    while not ({Msg.PONG, Msg.HEARTBEAT} <= set(kinds)) and time.monotonic() < deadline:
+        for payload in reader.feed(transport.read(1 << 16)):
+            kinds += [m[0] for m in decode(payload)]
+    assert Msg.PONG in kinds and Msg.HEARTBEAT in kinds
+    transport.close()
+
+
+def test_agent_exits_when_its_client_is_killed(tmp_path):
+    script = tmp_path / "client.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        sys.path.insert(0, sys.argv[1])
+        import helpers
+        from vmexec import VMExecutor
+        ex = VMExecutor(2, provider="local")
+        print(ex.submit(helpers.worker_and_agent_pids).result(timeout=60), flush=True)
+        os.kill(os.getpid(), 9)
+    """))
+    client = subprocess.run([sys.executable, str(script), os.path.dirname(helpers.__file__)],
+                            capture_output=True, text=True, timeout=120)
+    assert client.returncode == -signal.SIGKILL, client.stderr
+    worker_pid, agent_pid = map(int, client.stdout.split())
+
+    def gone(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    # The agent sees EOF on its stdin and exits; its worker follows (parent-death signal).
+    wait_until(lambda: gone(agent_pid), timeout=30, what="the agent to exit")
+    wait_until(lambda: gone(worker_pid), timeout=30, what="the worker to exit")
+
+
+def test_python_minor_version_mismatch_is_refused(tmp_path):
+    fake = tmp_path / "python-3.2"
+    fake.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        exec {sys.executable} -c "import vmexec.agent.main as m; m.PYTHON_VERSION = (3, 2, 0); m.main()"
+    """))
+    fake.chmod(0o755)
+    with VMExecutor(1, provider="local", python=str(fake)) as ex:
+        future = ex.submit(helpers.add, 1)
+        with pytest.raises(BrokenFleet, match="minor") as info:
+            future.result(timeout=60)
+    assert isinstance(info.value.__cause__, VersionMismatch)
+    assert "3.2" in str(info.value)
+
+
+def test_agent_that_cannot_start_breaks_with_its_stderr(tmp_path):
+    with VMExecutor(1, provider="local", python=str(tmp_path / "no-such-python")) as ex:
+        with pytest.raises(BrokenFleet, match="no-such-python"):
+            ex.submit(helpers.add, 1).result(timeout=60)
+
+
+def test_unknown_provider_names_the_choices(monkeypatch):
+    with pytest.raises(ConfigError, match="unknown provider 'gcp'.*'local'"):
+        VMExecutor(provider="gcp")
+    monkeypatch.setenv("VMEXEC_PROVIDER", "nope")
+    with pytest.raises(ValueError, match="VMEXEC_PROVIDER"):
+        VMExecutor()
+
+
+def test_provider_from_environment(monkeypatch):
+    monkeypatch.setenv("VMEXEC_PROVIDER", "local")
+    with VMExecutor(1) as ex:
+        assert ex.provider.name == "local"
+        assert ex.submit(helpers.add, 2).result(timeout=60) == 2
+
+
+def test_ec2_is_a_clear_error_until_available(monkeypatch):
+    monkeypatch.delenv("VMEXEC_PROVIDER", raising=False)
+    with pytest.raises(ProviderNotAvailable, match="provider='local'"):
+        VMExecutor(4)
+
+
+def test_bad_options_are_refused_before_anything_starts():
+    with pytest.raises(ConfigError, match="does not take option.*machnes"):
+        VMExecutor(2, provider="local", machnes=2)
+    with pytest.raises(ValueError, match="max_tasks_per_child must be >= 1"):
+        VMExecutor(2, provider="local", max_tasks_per_child=0)
+    with pytest.raises(ValueError, match="heartbeat_timeout"):
+        VMExecutor(2, provider="local", heartbeat_interval=5, heartbeat_timeout=1)
+    with pytest.raises(TypeError, match="initializer must be a callable"):
+        VMExecutor(2, provider="local", initializer="not callable")
