@@ -3,7 +3,7 @@
 Run as ``python -m vmexec.agent``. It owns the real stdin/stdout for frames; its own
 fd 1 is pointed at stderr so that nothing printed by accident can corrupt the stream.
 
-Data flow (one thread, one ``selectors`` loop, no locks)::
+Data flow (one thread, one poll loop, no locks)::
 
     client ──stdin──▶ [FUNC/TASK/PING] ──▶ queue ──▶ idle worker (task pipe)
     client ◀─stdout── [RESULT/LOST/LOG]◀── outbox ◀── worker (result pipe, stdout/stderr)
@@ -26,7 +26,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
-import selectors
+import select
 import signal
 import subprocess
 import sys
@@ -81,13 +81,41 @@ class _Worker:
         return limit - len(self.outstanding)
 
 
+class _Poller:
+    """epoll where the OS has it (Linux: O(1) per event), else poll (macOS agents)."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[int, tuple[str, Any]] = {}
+        self._epoll = getattr(select, "epoll", None)
+        if self._epoll is not None:
+            self._poll: Any = select.epoll()
+            self._in, self._out, self._scale = select.EPOLLIN, select.EPOLLOUT, 1.0
+        else:
+            self._poll = select.poll()
+            self._in, self._out, self._scale = select.POLLIN, select.POLLOUT, 1000.0
+
+    def register(self, fd: int, for_write: bool, handler: tuple[str, Any]) -> None:
+        self.handlers[fd] = handler
+        self._poll.register(fd, self._out if for_write else self._in)
+
+    def unregister(self, fd: int) -> None:
+        if self.handlers.pop(fd, None) is not None:
+            try:
+                self._poll.unregister(fd)
+            except (KeyError, ValueError, OSError):  # already closed
+                pass
+
+    def poll(self, timeout: float) -> list[int]:
+        return [fd for fd, _ in self._poll.poll(timeout * self._scale)]
+
+
 class Agent:
     """The agent's state and loop. ``run()`` returns the process exit code."""
 
     def __init__(self, stdin_fd: int, stdout_fd: int) -> None:
         self.stdin_fd = stdin_fd
         self.stdout_fd = stdout_fd
-        self.sel = selectors.DefaultSelector()
+        self.poller = _Poller()
         self.reader = FrameReader()
         self.outbox: list[Any] = []
         self.queue: Deque[tuple[int, bytes, bytes, bool]] = collections.deque()
@@ -206,9 +234,9 @@ class Agent:
         os.set_blocking(task_w, False)
         worker = _Worker(pid, task_w, result_r, out_r, err_r, self.max_tasks)
         self.workers[result_r] = worker
-        self.sel.register(result_r, selectors.EVENT_READ, ("result", worker))
-        self.sel.register(out_r, selectors.EVENT_READ, ("stdout", worker))
-        self.sel.register(err_r, selectors.EVENT_READ, ("stderr", worker))
+        self.poller.register(result_r, False, ("result", worker))
+        self.poller.register(out_r, False, ("stdout", worker))
+        self.poller.register(err_r, False, ("stderr", worker))
 
     def _all_fds(self) -> list[int]:
         fds = []
@@ -248,10 +276,7 @@ class Agent:
             return
         worker.alive = False
         for fd in (worker.result_r, worker.out_r, worker.err_r):
-            try:
-                self.sel.unregister(fd)
-            except (KeyError, ValueError):
-                pass
+            self.poller.unregister(fd)
         # Drain what the worker printed last: it often explains the death.
         for stream, fd in (("stdout", worker.out_r), ("stderr", worker.err_r)):
             self._drain_output(worker, stream, fd, final=True)
@@ -337,7 +362,7 @@ class Agent:
 
     # -- dispatch -------------------------------------------------------------------
     def _dispatch(self) -> None:
-        if self.broken or self.stopping:
+        if self.broken or self.stopping or not self.queue:
             return
         live = [w for w in self.workers.values() if w.alive]
         if self.queue:
@@ -390,11 +415,12 @@ class Agent:
                 return  # the result pipe's EOF will report the death
             raise
         del worker.write_buf[:written]
-        key = self.sel.get_map().get(worker.task_w)
-        if worker.write_buf and key is None:
-            self.sel.register(worker.task_w, selectors.EVENT_WRITE, ("task", worker))
-        elif not worker.write_buf and key is not None:
-            self.sel.unregister(worker.task_w)
+        # Wait for the pipe to drain only while something is left to write.
+        registered = worker.task_w in self.poller.handlers
+        if worker.write_buf and not registered:
+            self.poller.register(worker.task_w, True, ("task", worker))
+        elif not worker.write_buf and registered:
+            self.poller.unregister(worker.task_w)
 
     # -- messages from the client ---------------------------------------------------
     def _on_client_data(self) -> bool:
@@ -427,15 +453,15 @@ class Agent:
             return 2
         self._on_client_frames(self._early_frames)  # sent right behind the handshake
         os.set_blocking(self.stdin_fd, False)
-        self.sel.register(self.stdin_fd, selectors.EVENT_READ, ("client", None))
+        self.poller.register(self.stdin_fd, False, ("client", None))
         exit_code = 0
         try:
             while True:
                 now = time.monotonic()
                 timeout = max(0.0, min(self.last_sent + self.heartbeat_interval,
                                        self.last_heard + self.watchdog_timeout) - now)
-                for key, _ in self.sel.select(timeout):
-                    what, worker = key.data
+                for fd in self.poller.poll(timeout):
+                    what, worker = self.poller.handlers.get(fd, (None, None))
                     if what == "client":
                         if not self._on_client_data():
                             self.stopping = True
@@ -444,9 +470,9 @@ class Agent:
                             self._on_worker_result(worker)
                     elif what == "task":
                         self._flush_worker(worker)
-                    elif worker.alive:
-                        if not self._drain_output(worker, what, key.fd):
-                            self.sel.unregister(key.fd)
+                    elif what is not None and worker.alive:
+                        if not self._drain_output(worker, what, fd):
+                            self.poller.unregister(fd)
                 if self.stopping:
                     break
                 self._dispatch()
