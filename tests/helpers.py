@@ -83,3 +83,8 @@ def die_always(how: str = "exit") -> None:
 
 def worker_and_agent_pids() -> str:
     return f"{os.getpid()} {os.getppid()}"
+
+
+def sleep_then_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()

@@ -30,17 +30,6 @@ PY = shlex.quote(sys.executable)
 PROMPT = 10.0
 
 
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
-    reason = sshd_available()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the SSH tests: {reason}")
-        pytest.skip(reason)
-    with SSHServer(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
-
-
 def connect(sshd: SSHServer, command: str = "cat", **overrides: Any) -> SSHTransport:
     options: dict[str, Any] = dict(
         key_filename=sshd.client_key,
@@ -171,6 +160,20 @@ def test_python_command_streams_and_diagnostics(sshd: SSHServer) -> None:
         assert read_to_eof(t) == b"PING\n"
         wait_for(lambda: "status 3" in t.diagnostics() and "to-stderr" in t.diagnostics())
         assert t.exit_status == 3
+        # Once sshd has closed the channel (just after the exit status), writes fail
+        # with a message saying why.
+        errors: list[TransportError] = []
+
+        def write_fails() -> bool:
+            try:
+                t.write(b"too late\n")
+            except TransportError as exc:
+                errors.append(exc)
+            return bool(errors)
+
+        wait_for(write_fails)
+        assert "remote command has ended" in str(errors[0])
+        assert "to-stderr" in str(errors[0])
     finally:
         t.close()
 
@@ -204,6 +207,29 @@ def test_close_unblocks_read_and_is_idempotent(sshd: SSHServer) -> None:
     t.close()
     with pytest.raises(TransportError, match="closed"):
         t.write(b"x")
+
+
+@pytest.mark.ssh
+def test_close_unblocks_a_write_stalled_on_flow_control(sshd: SSHServer) -> None:
+    # `sleep` never reads stdin: once the SSH window and the pipe are full, the writer
+    # blocks until close() wakes it.
+    t = connect(sshd, "sleep 60")
+    outcome: dict[str, BaseException] = {}
+
+    def writer() -> None:
+        try:
+            for _ in range(200):
+                t.write(b"x" * 100_000)
+        except TransportError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    wait_for(lambda: parked_in(thread, "_wait_for_send_window"))
+    t.close()
+    thread.join(PROMPT)
+    assert not thread.is_alive(), "write() still blocked after close()"
+    assert "closed" in str(outcome["error"])
 
 
 # --- host keys --------------------------------------------------------------------------
@@ -286,6 +312,27 @@ def test_client_key_types(sshd: SSHServer, tmp_path: Path, kind: str) -> None:
         assert read_to_eof(t) == b"ok\n"
     finally:
         t.close()
+
+
+@pytest.mark.ssh
+def test_default_key_and_known_hosts_come_from_home(
+    sshd: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dot_ssh = tmp_path / ".ssh"
+    dot_ssh.mkdir()
+    (dot_ssh / "id_ed25519").write_bytes(Path(sshd.client_key).read_bytes())
+    (dot_ssh / "id_ed25519").chmod(0o600)
+    (dot_ssh / "known_hosts").write_text(Path(sshd.known_hosts).read_text())
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    t = connect(sshd, key_filename=None, known_hosts=None, command="echo ok")
+    try:
+        assert read_to_eof(t) == b"ok\n"
+    finally:
+        t.close()
+    (dot_ssh / "id_ed25519").unlink()
+    with pytest.raises(TransportError, match="no SSH key"):
+        connect(sshd, key_filename=None, known_hosts=None)
 
 
 @pytest.mark.ssh
@@ -483,6 +530,10 @@ def test_parse_host_rejects(spec: str) -> None:
 def test_provider_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="at least one host"):
         SSHProvider(hosts=[])
+    with pytest.raises(ConfigError, match="at least one host"):
+        SSHProvider(8)
+    with pytest.raises(ConfigError, match="does not take option.*machines.*hosts="):
+        SSHProvider(8, hosts=["h"], machines=2)
     with pytest.raises(ConfigError, match="list of strings"):
         SSHProvider(hosts="me@h")
     with pytest.raises(ConfigError, match="'bad host'"):
@@ -556,3 +607,30 @@ def test_provider_connect_unknown_host_key(sshd: SSHServer, tmp_path: Path) -> N
     [record] = provider.launch(1)
     with pytest.raises(HostKeyError):
         provider.connect(record, timeout=PROMPT)
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.ssh
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+def test_ipv6_host(sshd: SSHServer, tmp_path: Path) -> None:
+    # `sshd` only proves the binary works; this test needs its own server on ::1.
+    with SSHServer(tmp_path / "sshd6", host="::1") as server6:
+        assert server6.host_string.startswith(f"{server6.user}@[::1]:")
+        provider = SSHProvider(
+            hosts=[server6.host_string], ssh_key=server6.client_key,
+            known_hosts=server6.known_hosts, python="/bin/echo",
+        )
+        [record] = provider.launch(1)
+        t = provider.connect(record, timeout=PROMPT)
+        try:
+            assert read_to_eof(t) == b"-m vmexec.agent\n"
+        finally:
+            t.close()

@@ -20,7 +20,7 @@ import os
 import re
 import shlex
 import threading
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from vmexec.errors import ConfigError
 from vmexec.providers.base import MachineRecord, Provider
@@ -111,6 +111,8 @@ class SSHProvider(Provider):
     """Machines the user already has, each running one agent reached over SSH.
 
     Args:
+        max_workers: the executor's slot target (passed by the executor; the hosts
+            are used as listed whatever it is).
         hosts: the machines, as ``"user@host:port"`` (user and port optional; IPv6 as
             ``"user@[::1]:2222"``). The default user is the local user name.
         ssh_key: private key file to log in with (ed25519, ecdsa or rsa, no
@@ -135,15 +137,25 @@ class SSHProvider(Provider):
 
     def __init__(
         self,
+        max_workers: Optional[int] = None,
         *,
-        hosts: Sequence[str],
+        hosts: Optional[Sequence[str]] = None,
         ssh_key: Optional[str] = None,
         known_hosts: Optional[str] = None,
         python: str = "python3",
         host_key_policy: str = "reject",
         slots_per_host: Optional[int] = None,
         connect_timeout: float = 15.0,
+        **unknown: Any,
     ) -> None:
+        if unknown:
+            raise ConfigError(
+                f"provider 'ssh' does not take option(s) {', '.join(sorted(unknown))}: it "
+                "accepts hosts=, ssh_key=, known_hosts=, python=, host_key_policy=, "
+                "slots_per_host= and connect_timeout="
+            )
+        # The executor's slot target; the scheduler enforces it, a host list is fixed.
+        self.max_workers = max_workers
         if isinstance(hosts, str):
             raise ConfigError(
                 f"hosts must be a list of strings, not one string: hosts=[{hosts!r}]"

@@ -1,8 +1,8 @@
 """A loopback TCP forwarder that can drop every connection on demand.
 
 Owns: listening on a free port of 127.0.0.1, forwarding each accepted connection to a
-target address, and ``cut()``, which kills every live connection at once (both sides,
-reset rather than an orderly close) to simulate a network failure mid-task.
+target address, and ``cut()``, which kills every live connection at once, on both sides,
+to simulate a network failure mid-task.
 
 Threads: one accept thread, and two pump threads per connection (one per direction)
 doing blocking ``recv``/``sendall``. ``cut`` wakes them with ``shutdown`` and lets the
@@ -89,7 +89,11 @@ class TCPProxy:
             return len(self._pairs)
 
     def cut(self, timeout: float = 5.0) -> int:
-        """Drop every live connection abruptly (clients and target see a reset).
+        """Drop every live connection abruptly, on both sides.
+
+        Each end sees its connection end at once: a pending ``recv`` returns EOF and the
+        next use of the socket gets a reset (the sockets are closed with a zero linger).
+        Nothing more is forwarded.
 
         New connections are still accepted afterwards (like a network that comes back).
 

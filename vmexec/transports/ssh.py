@@ -29,7 +29,7 @@ import re
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import paramiko
@@ -61,6 +61,8 @@ _DEFAULT_KEY_FILES = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
 _KEY_ALGORITHMS = {
     "ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"),
 }
+
+_PARAMIKO_LOG = "paramiko.transport.vmexec"
 
 _FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
@@ -107,8 +109,8 @@ class SSHTransport(Transport):
         self._stderr_thread = threading.Thread(
             target=self._drain_stderr, name=f"vmexec-ssh-stderr {label}", daemon=True
         )
-        self._stderr_thread.start()
         self._lost: Optional[BaseException] = None
+        self._stderr_thread.start()
 
     # --- the Transport interface -------------------------------------------------
 
@@ -133,9 +135,10 @@ class SSHTransport(Transport):
             data: bytes = self._chan.recv(max_bytes)
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise self._broken("read from", exc) from exc
-        if not data and not self._closed and not self._ssh.is_active():
-            # The channel ended because the TCP connection or SSH session died, not
-            # because the command exited: say so instead of a quiet EOF.
+        if not data and not self._closed and not self._chan.eof_received:
+            # The channel ended without the command's EOF: the TCP connection or the
+            # SSH session died. Say so instead of a quiet EOF. (Not is_active():
+            # paramiko wakes readers before it clears that flag.)
             raise self._broken("read from", self._transport_exception())
         return data
 
@@ -154,19 +157,10 @@ class SSHTransport(Transport):
 
     def diagnostics(self) -> str:
         """The tail of the remote command's stderr, its exit status and any link error."""
-        parts = []
-        with self._stderr_lock:
-            tail = bytes(self._stderr)
-        if tail:
-            parts.append(tail.decode("utf-8", "replace").rstrip())
-        if self._chan.exit_status_ready():
-            status = self._chan.recv_exit_status()
-            if status == -1:
-                parts.append("remote command ended without an exit status (killed?)")
-            else:
-                parts.append(f"remote command exited with status {status}")
+        said = self._remote_said()
+        parts = [said] if said else []
         if self._lost is not None:
-            parts.append(f"connection lost: {self._lost!r}")
+            parts.append(f"connection lost: {_describe(self._lost)}")
         return "\n".join(parts)
 
     # --- extras --------------------------------------------------------------------
@@ -178,10 +172,25 @@ class SSHTransport(Transport):
 
     @property
     def exit_status(self) -> Optional[int]:
-        """The remote command's exit status once it has ended, else None."""
+        """The remote command's exit status once it has ended (-1 if it sent none, e.g.
+        killed by a signal or the connection dropped), else None."""
         if self._chan.exit_status_ready():
             return int(self._chan.recv_exit_status())
         return None
+
+    def _remote_said(self) -> str:
+        parts = []
+        with self._stderr_lock:
+            tail = bytes(self._stderr)
+        if tail:
+            parts.append(tail.decode("utf-8", "replace").rstrip())
+        status = self.exit_status
+        if status is not None and status != -1:
+            parts.append(f"remote command exited with status {status}")
+        elif status == -1 and self._ssh.is_active():
+            # A closed channel with no status: the command was killed by a signal.
+            parts.append("remote command ended without an exit status (killed by a signal?)")
+        return "\n".join(parts)
 
     def _drain_stderr(self) -> None:
         while True:
@@ -206,14 +215,23 @@ class SSHTransport(Transport):
     def _broken(self, verb: str, exc: Optional[BaseException]) -> TransportError:
         if self._closed:
             return TransportError(f"SSH transport to {self.label} is closed")
-        if exc is None or not self._ssh.is_active():
-            exc = self._transport_exception() or exc
-        reason = _describe(exc) if exc is not None else "the channel closed"
-        diag = self.diagnostics()
-        msg = (
-            f"cannot {verb} {self.label}: the SSH connection broke ({reason}); "
-            "the network dropped, the machine went away or sshd was restarted"
-        )
+        # The transport thread's exception is the root cause; exc is often only
+        # "Socket is closed", a consequence of it.
+        lost = self._transport_exception()
+        if lost is not None:
+            msg = (
+                f"cannot {verb} {self.label}: the SSH connection broke ({_describe(lost)}); "
+                "the network dropped, the machine went away or sshd was restarted"
+            )
+        elif self._chan.eof_received or self.exit_status is not None:
+            msg = f"cannot {verb} {self.label}: the remote command has ended"
+        else:
+            reason = f" ({_describe(exc)})" if exc is not None else ""
+            msg = (
+                f"cannot {verb} {self.label}: the server closed the session{reason}; "
+                "check the host's sshd log"
+            )
+        diag = self._remote_said()
         if diag:
             msg += f"\nremote said:\n{diag}"
         return TransportError(msg)
@@ -230,6 +248,11 @@ class _Attempt:
     key_filename: Optional[str] = None
     ssh: Optional[paramiko.Transport] = None
     sock: Any = None
+    # Set under `lock` by whichever comes first: the watchdog expiring, or the
+    # connection sequence finishing. Timer.cancel() cannot stop a watchdog that has
+    # already started running, so the two must agree on who won.
+    settled: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def open_ssh_transport(
@@ -275,6 +298,7 @@ def open_ssh_transport(
     Raises:
         HostKeyError: the host key is unknown (policy ``"reject"``) or has changed.
         TransportError: anything else failed; the message names the step to take.
+        ConfigError: ``host_key_policy`` is not one of ``HOST_KEY_POLICIES``.
     """
     if host_key_policy not in HOST_KEY_POLICIES:
         raise ConfigError(
@@ -306,6 +330,7 @@ def open_ssh_transport(
 
             attempt.stage = "waiting for the SSH banner and key exchange"
             ssh = paramiko.Transport(sock)
+            ssh.set_log_channel(_quiet_paramiko_log())
             attempt.ssh = ssh
             if attempt.timed_out:  # the watchdog fired before ssh existed
                 raise socket.timeout()
@@ -352,8 +377,10 @@ def open_ssh_transport(
         raise
     finally:
         watchdog.cancel()
-    if attempt.timed_out:
-        # The watchdog fired just as the last step finished: the transport is closed.
+    with attempt.lock:
+        expired, attempt.settled = attempt.settled, True
+    if expired:
+        # The watchdog fired just as the last step finished and closed the transport.
         _discard(attempt)
         raise _translate(socket.timeout(), attempt)
     transport = SSHTransport(ssh, channel, label or address)
@@ -370,6 +397,30 @@ def open_ssh_transport(
 # --- connection steps ------------------------------------------------------------
 
 
+class _DemoteToDebug(logging.Filter):
+    """Re-level paramiko's records to DEBUG.
+
+    paramiko logs every failure at ERROR with a traceback from its own thread, and
+    connection chatter at INFO. vmexec reports each failure once, as the TransportError
+    it raises, so those records would only repeat it (and print, via logging's
+    last-resort handler, in programs that never configured logging).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG:
+            record.msg = f"[paramiko {record.levelname}] {record.msg}"
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+@functools.lru_cache(maxsize=None)
+def _quiet_paramiko_log() -> str:
+    # A child of paramiko's usual logger, so `logging.getLogger("paramiko")` handlers
+    # still see the records, at DEBUG. Set up on first use, not at import.
+    logging.getLogger(_PARAMIKO_LOG).addFilter(_DemoteToDebug())
+    return _PARAMIKO_LOG
+
+
 def _set_nodelay(sock: Any) -> None:
     # Frames are small and latency-bound: without TCP_NODELAY, Nagle's algorithm and
     # delayed ACKs add up to ~40 ms to a request/reply round trip.
@@ -378,7 +429,10 @@ def _set_nodelay(sock: Any) -> None:
 
 
 def _expire(attempt: _Attempt) -> None:
-    attempt.timed_out = True
+    with attempt.lock:
+        if attempt.settled:
+            return  # connected just in time: the connection is the caller's now
+        attempt.settled = attempt.timed_out = True
     _discard(attempt)
 
 
@@ -555,6 +609,10 @@ def _load_key(path: str) -> paramiko.PKey:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, EOFError):
+        return "the other end closed the TCP connection"
+    if isinstance(exc, ConnectionResetError):
+        return "the TCP connection was reset"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
