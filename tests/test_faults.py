@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -22,6 +23,11 @@ from vmexec.transports.local import LocalTransport
 
 def _start_agent(watchdog: float, heartbeat: float = 0.2) -> tuple[LocalTransport, FrameReader]:
     transport = LocalTransport([sys.executable, "-m", "vmexec.agent"], label="test-agent")
+    return transport, _handshake(transport, watchdog, heartbeat)
+
+
+def _handshake(transport: LocalTransport, watchdog: float, heartbeat: float,
+               poweroff: object = None) -> FrameReader:
     magic = b""
     while len(magic) < len(protocol.MAGIC):
         magic += transport.read(len(protocol.MAGIC) - len(magic))
@@ -35,8 +41,8 @@ def _start_agent(watchdog: float, heartbeat: float = 0.2) -> tuple[LocalTranspor
     transport.write(protocol.encode_handshake({
         **protocol.local_info(), "slots": 1, "initializer": None,
         "max_tasks_per_child": None, "log_level": 30, "heartbeat_interval": heartbeat,
-        "watchdog_timeout": watchdog, "poweroff": False}))
-    return transport, reader
+        "watchdog_timeout": watchdog, "poweroff": poweroff}))
+    return reader
 
 
 def test_agent_watchdog_ends_an_agent_whose_client_went_silent():
@@ -138,3 +144,35 @@ def test_bad_options_are_refused_before_anything_starts():
         VMExecutor(2, provider="local", heartbeat_interval=5, heartbeat_timeout=1)
     with pytest.raises(TypeError, match="initializer must be a callable"):
         VMExecutor(2, provider="local", initializer="not callable")
+
+
+def test_silent_machine_is_marked_lost_and_its_tasks_move(caplog):
+    """A machine whose agent stops answering (frozen, not disconnected) is given up."""
+    caplog.set_level(logging.WARNING, logger="vmexec.scheduler")
+    with VMExecutor(2, provider="local", machines=2, heartbeat_interval=0.2,
+                    heartbeat_timeout=2.0, watchdog_timeout=30.0) as ex:
+        futures = [ex.submit(helpers.sleep_then_pid, 1.0) for _ in range(4)]
+        wait_until(lambda: len(ex.fleet) == 2 and sum(f.running() for f in futures) >= 2)
+        frozen = ex.provider._transports[ex.fleet[0].id]
+        os.kill(frozen.pid, signal.SIGSTOP)
+        try:
+            assert len([f.result(timeout=60) for f in futures]) == 4
+        finally:
+            os.kill(frozen.pid, signal.SIGCONT)
+    assert any("no heartbeat" in r.getMessage() for r in caplog.records)
+
+
+def test_watchdog_powers_off_a_cloud_machine(tmp_path):
+    """Told it runs on a cloud machine, the watchdog calls the OS power-off."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    marker = tmp_path / "powered-off"
+    script = shim / "fake-shutdown"
+    script.write_text(f"#!/bin/sh\necho \"$@\" > {marker}\n")
+    script.chmod(0o755)
+    transport = LocalTransport([sys.executable, "-m", "vmexec.agent"], label="cloud")
+    # An explicit command: a test must never be able to reach the real shutdown.
+    _handshake(transport, watchdog=1.0, heartbeat=0.2, poweroff=[str(script), "-h", "now"])
+    psutil.Process(transport.pid).wait(timeout=30)
+    assert marker.read_text().strip() == "-h now"
+    transport.close()

@@ -127,7 +127,7 @@ class Agent:
         self.log_level = 30
         self.heartbeat_interval = 5.0
         self.watchdog_timeout = 120.0
-        self.poweroff = False
+        self.poweroff: Optional[list[str]] = None
         self.broken = False
         self.stopping = False
         self.last_heard = time.monotonic()
@@ -186,7 +186,11 @@ class Agent:
         self.log_level = int(hello.get("log_level", 30))
         self.heartbeat_interval = float(hello.get("heartbeat_interval", 5.0))
         self.watchdog_timeout = float(hello.get("watchdog_timeout", 120.0))
-        self.poweroff = bool(hello.get("poweroff", False))
+        # None, or the argv that powers the machine off (the client decides: only cloud
+        # machines, which terminate on OS shutdown, are ever told to).
+        poweroff = hello.get("poweroff")
+        self.poweroff = default_poweroff_command() if poweroff is True else (
+            list(poweroff) if poweroff else None)
         return True
 
     # -- workers -------------------------------------------------------------------
@@ -496,7 +500,7 @@ class Agent:
             except OSError:
                 pass
         if exit_code == 4 and self.poweroff:
-            _power_off()
+            _power_off(self.poweroff)
         return exit_code
 
     def _stop_workers(self) -> None:
@@ -531,16 +535,19 @@ def _missing_function() -> bytes:
     return pickle.dumps((error, ""))
 
 
-def _power_off() -> None:
+def _power_off(command: list[str]) -> None:
     """Turn the machine off (cloud machines terminate on OS shutdown)."""
-    for command in (["sudo", "-n", "shutdown", "-h", "now"], ["shutdown", "-h", "now"],
-                    ["poweroff"]):
-        try:
-            if subprocess.call(command, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL) == 0:
-                return
-        except OSError:
-            continue
+    try:
+        subprocess.call(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError as exc:
+        sys.stderr.write(f"vmexec agent: power-off command {command!r} failed: {exc}\n")
+
+
+def default_poweroff_command() -> list[str]:
+    """``shutdown -h now``, through ``sudo -n`` when the agent is not root."""
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        return ["sudo", "-n", "shutdown", "-h", "now"]
+    return ["shutdown", "-h", "now"]
 
 
 def main() -> None:
