@@ -255,3 +255,13 @@ def test_worker_that_always_dies_gives_worker_lost(make_executor, how, expected)
 def test_many_tasks_across_two_machines(make_executor):
     with make_executor(max_workers=4, machines=2) as ex:
         assert sum(ex.map(helpers.add, range(2000), chunksize=3)) == sum(range(2000))
+
+
+def test_callable_crosses_the_wire_once_per_machine(make_executor):
+    with make_executor() as ex:
+        assert list(ex.map(helpers.add, range(300), range(300))) == list(range(0, 600, 2))
+        for i in range(20):
+            ex.submit(helpers.add, i).result(timeout=60)
+        [machine] = ex._scheduler.machines()
+        assert len(machine.digests) == 1
+

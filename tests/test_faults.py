@@ -176,3 +176,18 @@ def test_watchdog_powers_off_a_cloud_machine(tmp_path):
     psutil.Process(transport.pid).wait(timeout=30)
     assert marker.read_text().strip() == "-h now"
     transport.close()
+
+
+def test_executor_collected_without_shutdown_finishes_work_and_tears_down():
+    import gc
+    import weakref
+
+    ex = VMExecutor(1, provider="local")
+    future = ex.submit(helpers.sleep_and_return, 0.3, "finished")
+    scheduler, ref = ex._scheduler, weakref.ref(ex)
+    del ex
+    gc.collect()
+    assert ref() is None, "the scheduler must not keep the executor alive"
+    assert future.result(timeout=60) == "finished"
+    assert scheduler.torn_down.wait(30), "the fleet was not torn down"
+    assert scheduler._provider.describe() == []

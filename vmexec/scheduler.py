@@ -144,7 +144,8 @@ class Scheduler:
         self._last_failure: Optional[BaseException] = None
         self._shutdown = False
         self._broken: Optional[BrokenFleet] = None
-        self._closed = threading.Event()
+        self._closed = threading.Event()  # teardown started
+        self.torn_down = threading.Event()  # teardown finished: machines are gone
         self._dispatcher: Optional[threading.Thread] = None
         self._launching = False
         self._max_workers = config.max_workers
@@ -676,7 +677,9 @@ class Scheduler:
         except Exception:
             logger.exception("terminating the fleet failed; run `vmexec cleanup` to remove "
                              "what is left")
-        _live_schedulers.discard(self)
+        finally:
+            _live_schedulers.discard(self)
+            self.torn_down.set()
 
 
 def _set_exception(future: Future[Any], error: BaseException) -> None:
