@@ -191,3 +191,24 @@ def test_executor_collected_without_shutdown_finishes_work_and_tears_down():
     assert future.result(timeout=60) == "finished"
     assert scheduler.torn_down.wait(30), "the fleet was not torn down"
     assert scheduler._provider.describe() == []
+
+
+def test_keepalive_turns_an_idle_fleet_off_and_it_grows_back(caplog):
+    caplog.set_level(logging.INFO, logger="vmexec.scheduler")
+    with VMExecutor(2, provider="local", keepalive="1s", heartbeat_interval=0.2,
+                    heartbeat_timeout=20.0, watchdog_timeout=30.0) as ex:
+        assert ex.submit(helpers.add, 1).result(timeout=60) == 1
+        first = ex.fleet[0].id
+        wait_until(lambda: ex.fleet == [] and ex.provider.describe() == [], timeout=30,
+                   what="the idle machine to be turned off")
+        assert any("keepalive" in r.getMessage() for r in caplog.records)
+        assert ex.submit(helpers.add, 2).result(timeout=60) == 2  # grows back on demand
+        assert ex.fleet[0].id != first
+
+
+def test_max_lifetime_replaces_old_machines_without_losing_work():
+    with VMExecutor(1, provider="local", max_lifetime=1.0, heartbeat_interval=0.2,
+                    heartbeat_timeout=20.0, watchdog_timeout=30.0) as ex:
+        futures = [ex.submit(helpers.sleep_then_pid, 0.2) for _ in range(30)]
+        pids = {f.result(timeout=120) for f in futures}
+    assert len(pids) >= 2  # the first machine was drained and replaced mid-run

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional
+import re
+from typing import Any, Optional, Union
 
 from vmexec.errors import ConfigError
 
@@ -25,6 +26,48 @@ def provider_from_environment(explicit: Optional[str]) -> str:
     return os.environ.get(ENV_PROVIDER, "").strip() or DEFAULT_PROVIDER
 
 
+_UNITS = {
+    "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+}
+_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*,?", re.IGNORECASE)
+
+
+def parse_duration(value: Union[str, int, float, None], name: str) -> Optional[float]:
+    """Seconds from ``300``, ``"90s"``, ``"20 minutes"``, ``"1h30m"`` or ``"1.5 hours"``.
+
+    Raises:
+        ConfigError: naming the argument and the accepted forms.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a duration, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        total, pos = 0.0, 0
+        for match in _DURATION_PART.finditer(text):
+            if match.start() != pos or match.group(2) not in _UNITS:
+                break
+            total += float(match.group(1)) * _UNITS[match.group(2)]
+            pos = match.end()
+        if pos != len(text) or not text:
+            try:
+                total = float(text)
+            except ValueError:
+                raise ConfigError(
+                    f"{name}={value!r} is not a duration: use seconds (300) or text such as "
+                    "'90s', '20 minutes', '1h30m'") from None
+        seconds = total
+    if seconds <= 0:
+        raise ConfigError(f"{name} must be positive, got {value!r}")
+    return seconds
+
+
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     """Timing and retry settings of one executor.
@@ -38,6 +81,12 @@ class SchedulerConfig:
         watchdog_timeout: an agent that hears nothing from the client this long exits
             (and powers its machine off on clouds).
         boot_timeout: how long a machine may take to boot and answer.
+        keepalive: a machine with nothing to do for this long is turned off (the fleet
+            shrinks to zero when idle and grows again with demand). Seconds, or a
+            string such as ``"20 minutes"``.
+        max_lifetime: no machine runs longer than this: it takes no new work after it
+            and is turned off once its running tasks finish.
+        progress: show progress bars (``None``: when stderr is a terminal or notebook).
     """
 
     max_workers: Optional[int]
@@ -47,8 +96,17 @@ class SchedulerConfig:
     heartbeat_timeout: float = 60.0
     watchdog_timeout: float = 180.0
     boot_timeout: float = 900.0
+    keepalive: Union[float, str, None] = 600.0
+    max_lifetime: Union[float, str, None] = None
+    progress: Optional[bool] = None
 
     def __post_init__(self) -> None:
+        # Frozen: normalise durations through object.__setattr__, once, here.
+        object.__setattr__(self, "keepalive", parse_duration(self.keepalive, "keepalive"))
+        object.__setattr__(self, "max_lifetime",
+                           parse_duration(self.max_lifetime, "max_lifetime"))
+        if self.progress not in (None, True, False):
+            raise ConfigError(f"progress must be True, False or None, got {self.progress!r}")
         _positive_int_or_none("max_workers", self.max_workers,
                               "max_workers must be greater than 0")
         if not isinstance(self.max_retries, int) or self.max_retries < 0:

@@ -100,8 +100,9 @@ class Machine:
         self.label = record.label
         self.inflight: dict[int, WorkItem] = {}
         self.digests: set[bytes] = set()
-        self.state = "ready"  # ready -> draining -> closed | lost
-        self.last_heard = time.monotonic()
+        self.state = "ready"  # ready -> [draining ->] retiring -> closed, or -> lost
+        self.last_heard = self.started = time.monotonic()
+        self.idle_since: Optional[float] = self.started
         self.rtt = 0.001
         self.avg_task_seconds: Optional[float] = None
         self.reader: Optional[threading.Thread] = None
@@ -138,6 +139,9 @@ class Scheduler:
         self._pending: Deque[WorkItem] = collections.deque()
         self._machines: list[Machine] = []
         self._connecting: dict[str, MachineRecord] = {}
+        # Machines being shut down: their capacity returns to the provider soon, so a
+        # fleet with none alive is not hopeless while this is non-empty.
+        self._closing: set[Machine] = set()
         self._booting_slots = 0
         self._provider_exhausted = False
         self._consecutive_failures = 0
@@ -308,7 +312,7 @@ class Scheduler:
         while True:
             with self._lock:
                 messages = machine.outbox
-                if not messages or machine.state not in ("ready", "draining"):
+                if not messages or machine.state not in ("ready", "draining", "retiring"):
                     machine.outbox = []
                     machine.writing = False
                     return
@@ -322,6 +326,7 @@ class Scheduler:
                 return
 
     def _heartbeat(self, now: float) -> None:
+        self._scale_in(now)
         for machine in self.machines():
             if machine.state not in ("ready", "draining"):
                 continue
@@ -336,6 +341,58 @@ class Scheduler:
                 self._flush(machine)
 
     # -- scaling --------------------------------------------------------------------
+    def _scale_in(self, now: float) -> None:
+        """Turn off machines idle longer than ``keepalive`` or older than ``max_lifetime``.
+
+        An idle machine still costs money; the fleet grows back when work arrives.
+        """
+        keepalive, lifetime = self._config.keepalive, self._config.max_lifetime
+        retire = []
+        with self._lock:
+            for machine in self._machines:
+                if machine.inflight:
+                    machine.idle_since = None
+                elif machine.idle_since is None:
+                    machine.idle_since = now
+                if lifetime is not None and machine.state == "ready" and \
+                        now - machine.started > lifetime:
+                    machine.state = "draining"  # no new work; off once it is idle
+                    logger.info("machine %s reached max_lifetime (%.0fs): draining",
+                                machine.label, lifetime)
+                if machine.inflight:
+                    continue
+                if machine.state == "draining":
+                    retire.append((machine, "max_lifetime reached"))
+                elif (keepalive is not None and not self._pending
+                      and machine.idle_since is not None
+                      and now - machine.idle_since >= keepalive):
+                    retire.append((machine, f"idle for {now - machine.idle_since:.0f}s "
+                                            f"(keepalive={keepalive:.0f}s)"))
+            flush = []
+            for machine, _ in retire:
+                # SHUTDOWN goes through the ordinary outbox, so it cannot interleave
+                # with a frame another thread is writing; "retiring" still flushes.
+                machine.state = "retiring"
+                self._machines.remove(machine)
+                self._closing.add(machine)
+                flush.append(self._enqueue_locked(machine, [(Msg.SHUTDOWN,)]))
+            if retire and self._provider.can_replace():
+                self._provider_exhausted = False
+        for (machine, why), must_flush in zip(retire, flush):
+            logger.info("turning machine %s off: %s", machine.label, why)
+            threading.Thread(target=self._retire, args=(machine, must_flush),
+                             name=f"vmexec-retire-{machine.label}", daemon=True).start()
+
+    def _retire(self, machine: Machine, must_flush: bool) -> None:
+        if must_flush:
+            self._flush(machine)
+        else:  # another thread is writing and will send the SHUTDOWN; let it finish
+            deadline = time.monotonic() + 5.0
+            while machine.writing and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self._close_machine(machine)
+        machine.state = "closed"
+
     def _capacity_locked(self) -> int:
         live = sum(m.slots for m in self._machines if m.state == "ready")
         return live + self._booting_slots
@@ -486,10 +543,12 @@ class Scheduler:
     def _check_starved(self) -> None:
         """Break the fleet when work is waiting and no machine can ever take it."""
         with self._lock:
-            alive = any(m.state == "ready" for m in self._machines)
+            alive = any(m.state in ("ready", "draining") for m in self._machines)
             waiting = bool(self._pending) or any(m.inflight for m in self._machines)
             hopeless = self._provider_exhausted or \
                 self._consecutive_failures >= _MAX_CONSECUTIVE_FAILURES
+            if self._closing and self._provider.can_replace():
+                hopeless = False
             if alive or self._connecting or self._launching or not waiting or not hopeless:
                 if not alive and not self._connecting and not self._launching:
                     self._wake.notify()  # let the dispatcher try another launch
@@ -614,6 +673,7 @@ class Scheduler:
                 if error is not None:
                     failed.append((item, error))
             self._machines.remove(machine)
+            self._closing.add(machine)
             if self._provider.can_replace():
                 self._provider_exhausted = False
             self._last_failure = TransportError(f"machine {machine.label} was lost: {reason}")
@@ -630,6 +690,12 @@ class Scheduler:
             machine.transport.close()
         finally:
             self._provider.terminate([machine.record])
+            # Only now is the machine's capacity free at the provider: ask again.
+            with self._lock:
+                self._closing.discard(machine)
+                if self._provider.can_replace():
+                    self._provider_exhausted = False
+                self._wake.notify()
 
     def _broken_error(self) -> BrokenFleet:
         assert self._broken is not None
