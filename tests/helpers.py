@@ -88,3 +88,11 @@ def worker_and_agent_pids() -> str:
 def sleep_then_pid(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
+
+
+def chatter(lines: int, width: int = 100) -> int:
+    """Print a lot, fast: the chatty-logger scenario."""
+    payload = "x" * width
+    for i in range(lines):
+        print(i, payload)
+    return lines

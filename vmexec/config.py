@@ -87,6 +87,9 @@ class SchedulerConfig:
         max_lifetime: no machine runs longer than this: it takes no new work after it
             and is turned off once its running tasks finish.
         progress: show progress bars (``None``: when stderr is a terminal or notebook).
+        output_limit: bytes per second of stdout/stderr/logging each machine forwards;
+            more is dropped on the machine and counted (protects the network and the
+            client's memory from a chatty logger).
     """
 
     max_workers: Optional[int]
@@ -99,12 +102,16 @@ class SchedulerConfig:
     keepalive: Union[float, str, None] = 600.0
     max_lifetime: Union[float, str, None] = None
     progress: Optional[bool] = None
+    output_limit: int = 1_000_000
 
     def __post_init__(self) -> None:
         # Frozen: normalise durations through object.__setattr__, once, here.
         object.__setattr__(self, "keepalive", parse_duration(self.keepalive, "keepalive"))
         object.__setattr__(self, "max_lifetime",
                            parse_duration(self.max_lifetime, "max_lifetime"))
+        if not isinstance(self.output_limit, int) or self.output_limit <= 0:
+            raise ConfigError(f"output_limit must be a positive int (bytes per second), got "
+                              f"{self.output_limit!r}")
         if self.progress not in (None, True, False):
             raise ConfigError(f"progress must be True, False or None, got {self.progress!r}")
         _positive_int_or_none("max_workers", self.max_workers,

@@ -54,7 +54,9 @@ from vmexec.errors import (
     VersionMismatch,
     WorkerLost,
 )
+from vmexec.guardrails.logs import OutputGuard
 from vmexec.logs import emit_remote
+from vmexec.progress import Progress
 from vmexec.protocol import FrameReader, Msg, decode, encode_frame, encode_handshake
 from vmexec.providers.base import MachineRecord, Provider
 from vmexec.transports.base import Transport
@@ -153,6 +155,8 @@ class Scheduler:
         self._dispatcher: Optional[threading.Thread] = None
         self._launching = False
         self._max_workers = config.max_workers
+        self.output_guard = OutputGuard()
+        self.progress = Progress(config.progress)
         _live_schedulers.add(self)
 
     # -- public API (called by the executor) ----------------------------------------
@@ -168,6 +172,7 @@ class Scheduler:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._pending.extend(items)
+            self.progress.tasks_added(len(items))
             if self._dispatcher is None:
                 self._dispatcher = threading.Thread(
                     target=self._dispatch_loop, name="vmexec-dispatcher", daemon=True)
@@ -428,6 +433,7 @@ class Scheduler:
                 self._connecting[record.id] = record
                 self._booting_slots += max(1, record.slots)
             self._wake.notify()
+        self.progress.machines(requested=len(records))
         if not records:
             self._check_starved()
         for record in records:
@@ -462,6 +468,7 @@ class Scheduler:
             self._wake.notify()
         if machine is None:
             return
+        self.progress.machines(ready=1)
         machine.reader = threading.Thread(target=self._read_loop, args=(machine, reader),
                                           name=f"vmexec-reader-{record.label}", daemon=True)
         machine.reader.start()
@@ -529,6 +536,7 @@ class Scheduler:
                 "heartbeat_interval": self._config.heartbeat_interval,
                 "watchdog_timeout": self._config.watchdog_timeout,
                 "poweroff": self._poweroff,
+                "output_limit": self._config.output_limit,
             }))
             return hello, reader
         finally:
@@ -585,8 +593,10 @@ class Scheduler:
             elif kind == Msg.LOST:
                 lost.append((message[1], message[2]))
             elif kind == Msg.LOG:
-                emit_remote(machine.label, message[1], message[2], message[3], message[4],
-                            message[5])
+                source = message[4] if message[2] == "log" else message[2]
+                if self.output_guard.admit(machine.label, source, message[5]):
+                    emit_remote(machine.label, message[1], message[2], message[3], message[4],
+                                message[5])
             elif kind == Msg.PONG:
                 machine.rtt = 0.7 * machine.rtt + 0.3 * (time.monotonic() - message[1])
             elif kind == Msg.BROKEN:
@@ -620,6 +630,8 @@ class Scheduler:
             self._resolve(machine, item, message)
         for item, error in failed:
             _set_exception(item.future, error)
+        errors = sum(1 for _, message in resolved if not message[2]) + len(failed)
+        self.progress.tasks_done(len(resolved) + len(failed) - errors, errors)
 
     def _resolve(self, machine: Machine, item: WorkItem, message: tuple[Any, ...]) -> None:
         _, _, ok, payload, seconds = message
@@ -654,6 +666,7 @@ class Scheduler:
                 "(the kernel's OOM killer), crashes in native code, or os._exit() in the "
                 "task; raise max_retries to try more often.")
         logger.info("re-queueing %s (attempt %d): %s", item.label, item.attempts + 1, why)
+        self.progress.task_retried()
         self._pending.appendleft(item)
         return None
 
@@ -738,6 +751,10 @@ class Scheduler:
         for machine in machines:
             if machine.reader is not None and machine.reader is not threading.current_thread():
                 machine.reader.join(timeout=10)
+        self.progress.close()
+        dropped = self.output_guard.summary()
+        if dropped:
+            logger.warning("%s", dropped)
         try:
             self._provider.terminate(None)
         except Exception:

@@ -136,6 +136,11 @@ class Agent:
         # that tasks stuck behind a dead worker's running task can be re-queued.
         self._pending_tasks: dict[int, tuple[int, bytes, bytes, bool]] = {}
         self._early_frames: list[bytes] = []
+        self.output_limit = 1_000_000
+        self._out_tokens = float(self.output_limit)
+        self._out_refill = time.monotonic()
+        self._dropped = [0, 0]  # lines, bytes not forwarded since the last report
+        self._dropped_reported = 0.0
 
     # -- stream to the client ------------------------------------------------------
     def _write_client(self, data: bytes) -> None:
@@ -191,6 +196,8 @@ class Agent:
         poweroff = hello.get("poweroff")
         self.poweroff = default_poweroff_command() if poweroff is True else (
             list(poweroff) if poweroff else None)
+        self.output_limit = int(hello.get("output_limit", self.output_limit))
+        self._out_tokens = float(self.output_limit)
         return True
 
     # -- workers -------------------------------------------------------------------
@@ -320,8 +327,8 @@ class Agent:
             send, worker.out_tail[stream] = text, b""
         if send:
             level = 20 if stream == "stdout" else 30
-            self.outbox.append((Msg.LOG, worker.pid, stream, level, stream,
-                                send.decode("utf-8", "replace").rstrip("\n")))
+            self._forward_output((Msg.LOG, worker.pid, stream, level, stream,
+                                  send.decode("utf-8", "replace").rstrip("\n")))
         if final and data:
             return self._drain_output(worker, stream, fd, final=True)
         return bool(data)
@@ -362,7 +369,35 @@ class Agent:
                     self.outbox.append((Msg.BROKEN, "the initializer raised an exception",
                                         message[1]))
                 else:  # LOG
-                    self.outbox.append(message)
+                    self._forward_output(message)
+
+    # -- output limit ---------------------------------------------------------------
+    def _forward_output(self, message: tuple[Any, ...]) -> None:
+        """Forward a LOG message within ``output_limit`` bytes/s (a token bucket).
+
+        What is over the limit is dropped here, on the machine, and counted: a chatty
+        logger must not saturate the link or the client's memory.
+        """
+        size = len(message[5])
+        now = time.monotonic()
+        self._out_tokens = min(float(self.output_limit),
+                               self._out_tokens + (now - self._out_refill) * self.output_limit)
+        self._out_refill = now
+        if size <= self._out_tokens:
+            self._out_tokens -= size
+            self.outbox.append(message)
+        else:
+            self._dropped[0] += message[5].count("\n") + 1
+            self._dropped[1] += size
+
+    def _report_dropped_output(self, now: float) -> None:
+        if self._dropped[0] and now - self._dropped_reported >= 1.0:
+            lines, size = self._dropped
+            self.outbox.append((Msg.LOG, os.getpid(), "log", 30, "vmexec.agent",
+                                f"dropped {lines:,} lines ({size:,} bytes) of output on this "
+                                f"machine (output_limit={self.output_limit:,} bytes/s)"))
+            self._dropped = [0, 0]
+            self._dropped_reported = now
 
     # -- dispatch -------------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -487,6 +522,7 @@ class Agent:
                         " stopping\n")
                     exit_code = 4
                     break
+                self._report_dropped_output(now)
                 if not self.outbox and now - self.last_sent >= self.heartbeat_interval:
                     self.outbox.append((Msg.HEARTBEAT,))
                 try:
