@@ -212,3 +212,24 @@ def test_max_lifetime_replaces_old_machines_without_losing_work():
         futures = [ex.submit(helpers.sleep_then_pid, 0.2) for _ in range(30)]
         pids = {f.result(timeout=120) for f in futures}
     assert len(pids) >= 2  # the first machine was drained and replaced mid-run
+
+
+def test_interruption_notice_moves_queued_work_and_replaces_the_machine(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="vmexec.scheduler")
+    ex = VMExecutor(2, provider="local", machines=2, heartbeat_interval=0.2,
+                    heartbeat_timeout=20.0, watchdog_timeout=30.0)
+    # The EC2 provider points agents at the file its boot script's metadata poller
+    # writes; here each machine gets its own file in tmp_path.
+    ex.provider.agent_options = lambda record: {"notice_file": str(tmp_path / record.id)}
+    with ex:
+        futures = [ex.submit(helpers.sleep_then_pid, 0.2) for _ in range(24)]
+        wait_until(lambda: len(ex.fleet) == 2 and all(
+            m.inflight for m in ex._scheduler.machines()), what="both machines busy")
+        doomed = ex.fleet[0]
+        (tmp_path / doomed.id).write_text("spot interruption: terminate at 12:00:00Z")
+        assert len([f.result(timeout=120) for f in futures]) == 24
+        wait_until(lambda: doomed.id not in [m.id for m in ex.fleet], timeout=30,
+                   what="the interrupted machine to be retired")
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "going away (spot interruption" in messages
+    assert "max_lifetime" not in messages

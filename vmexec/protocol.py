@@ -55,6 +55,7 @@ class Msg:
     TASK = 2  # (TASK, task_id, digest, args_bytes, chunked)
     PING = 3  # (PING, client_monotonic)
     SHUTDOWN = 4  # (SHUTDOWN,)
+    RELEASE = 5  # (RELEASE,): give back every task not yet handed to a worker
     # agent -> client
     RESULT = 10  # (RESULT, task_id, ok, payload_bytes, run_seconds)
     LOST = 11  # (LOST, task_id, reason)
@@ -63,6 +64,8 @@ class Msg:
     BROKEN = 14  # (BROKEN, reason, traceback_text)
     HEARTBEAT = 15  # (HEARTBEAT,)
     REFUSED = 16  # (REFUSED, reason)
+    NOTICE = 17  # (NOTICE, text): the machine is going away (spot interruption notice)
+    RELEASED = 18  # (RELEASED, [task_id, ...]): tasks returned unstarted after RELEASE
     # worker -> agent only
     INIT_FAILED = 20  # (INIT_FAILED, traceback_text)
     READY = 21  # (READY, pid)

@@ -76,7 +76,7 @@ class WorkItem:
     """One unit of work: a call, or a chunk of calls from ``map(chunksize>1)``."""
 
     __slots__ = ("task_id", "future", "digest", "fn_bytes", "call_bytes", "chunked",
-                 "attempts", "label")
+                 "attempts", "label", "started")
 
     def __init__(self, future: Future[Any], digest: bytes, fn_bytes: bytes, call_bytes: bytes,
                  chunked: bool, label: str) -> None:
@@ -88,6 +88,7 @@ class WorkItem:
         self.chunked = chunked
         self.attempts = 0
         self.label = label
+        self.started = False  # the future was moved to RUNNING (first dispatch)
 
 
 class Machine:
@@ -105,6 +106,7 @@ class Machine:
         self.state = "ready"  # ready -> [draining ->] retiring -> closed, or -> lost
         self.last_heard = self.started = time.monotonic()
         self.idle_since: Optional[float] = self.started
+        self.drain_reason = ""
         self.rtt = 0.001
         self.avg_task_seconds: Optional[float] = None
         self.reader: Optional[threading.Thread] = None
@@ -265,9 +267,11 @@ class Scheduler:
             while count > 0 and self._pending:
                 item = self._pending.popleft()
                 # PENDING -> RUNNING; False means the user cancelled it while queued.
-                # A re-queued item (attempts > 0) is RUNNING already.
-                if item.attempts == 0 and not item.future.set_running_or_notify_cancel():
-                    continue
+                # A re-queued or released item is RUNNING already.
+                if not item.started:
+                    if not item.future.set_running_or_notify_cancel():
+                        continue
+                    item.started = True
                 machine.inflight[item.task_id] = item
                 items.append(item)
                 count -= 1
@@ -362,12 +366,13 @@ class Scheduler:
                 if lifetime is not None and machine.state == "ready" and \
                         now - machine.started > lifetime:
                     machine.state = "draining"  # no new work; off once it is idle
+                    machine.drain_reason = "max_lifetime reached"
                     logger.info("machine %s reached max_lifetime (%.0fs): draining",
                                 machine.label, lifetime)
                 if machine.inflight:
                     continue
                 if machine.state == "draining":
-                    retire.append((machine, "max_lifetime reached"))
+                    retire.append((machine, machine.drain_reason))
                 elif (keepalive is not None and not self._pending
                       and machine.idle_since is not None
                       and now - machine.idle_since >= keepalive):
@@ -537,6 +542,7 @@ class Scheduler:
                 "watchdog_timeout": self._config.watchdog_timeout,
                 "poweroff": self._poweroff,
                 "output_limit": self._config.output_limit,
+                **self._provider.agent_options(record),
             }))
             return hello, reader
         finally:
@@ -605,6 +611,10 @@ class Scheduler:
                     "the executor is not usable any more"),
                     RemoteTraceback(f'\n"""\n{message[2]}"""'))
                 return
+            elif kind == Msg.NOTICE:
+                self._on_notice(machine, message[1])
+            elif kind == Msg.RELEASED:
+                self._on_released(machine, message[1])
             elif kind == Msg.REFUSED:
                 self._break(BrokenFleet(f"machine {machine.label} refused: {message[1]}"))
                 return
@@ -632,6 +642,33 @@ class Scheduler:
             _set_exception(item.future, error)
         errors = sum(1 for _, message in resolved if not message[2]) + len(failed)
         self.progress.tasks_done(len(resolved) + len(failed) - errors, errors)
+
+    def _on_notice(self, machine: Machine, text: str) -> None:
+        """The machine is going away: no new work, and take back what has not started.
+
+        Running tasks continue; if the machine then disappears they are re-queued like
+        any lost machine's. Its capacity no longer counts, so demand launches a
+        replacement.
+        """
+        logger.warning("machine %s is going away (%s): moving its queued tasks", machine.label,
+                       text)
+        with self._lock:
+            if machine.state != "ready":
+                return
+            machine.state = "draining"
+            machine.drain_reason = f"going away ({text})"
+            must_flush = self._enqueue_locked(machine, [(Msg.RELEASE,)])
+            self._wake.notify()
+        if must_flush:
+            self._flush(machine)
+
+    def _on_released(self, machine: Machine, task_ids: list[int]) -> None:
+        with self._lock:
+            items = [machine.inflight.pop(task_id, None) for task_id in task_ids]
+            # Never started: back to the front of the queue, no attempt counted.
+            for item in reversed([i for i in items if i is not None]):
+                self._pending.appendleft(item)
+            self._wake.notify()
 
     def _resolve(self, machine: Machine, item: WorkItem, message: tuple[Any, ...]) -> None:
         _, _, ok, payload, seconds = message

@@ -141,6 +141,9 @@ class Agent:
         self._out_refill = time.monotonic()
         self._dropped = [0, 0]  # lines, bytes not forwarded since the last report
         self._dropped_reported = 0.0
+        self.notice_file: Optional[str] = None
+        self._notice_sent = False
+        self._notice_next_check = 0.0
 
     # -- stream to the client ------------------------------------------------------
     def _write_client(self, data: bytes) -> None:
@@ -197,6 +200,7 @@ class Agent:
         self.poweroff = default_poweroff_command() if poweroff is True else (
             list(poweroff) if poweroff else None)
         self.output_limit = int(hello.get("output_limit", self.output_limit))
+        self.notice_file = hello.get("notice_file")
         self._out_tokens = float(self.output_limit)
         return True
 
@@ -485,6 +489,29 @@ class Agent:
                     self.outbox.append((Msg.PONG, message[1]))
                 elif kind == Msg.SHUTDOWN:
                     self.stopping = True
+                elif kind == Msg.RELEASE:
+                    released = [task[0] for task in self.queue]
+                    self.queue.clear()
+                    self.outbox.append((Msg.RELEASED, released))
+
+    # -- interruption notices -------------------------------------------------------
+    def _check_notice(self, now: float) -> None:
+        """Tell the client once when the machine announces it is going away.
+
+        The cloud's notice (e.g. EC2's two-minute spot interruption warning, read from
+        the instance metadata by the boot script's poller) lands in ``notice_file``;
+        the agent only looks at the file, so it needs no network access of its own.
+        """
+        if self.notice_file is None or self._notice_sent or now < self._notice_next_check:
+            return
+        self._notice_next_check = now + 1.0
+        try:
+            with open(self.notice_file, encoding="utf-8", errors="replace") as handle:
+                text = handle.read(4096).strip()
+        except OSError:
+            return
+        self._notice_sent = True
+        self.outbox.append((Msg.NOTICE, text or "the machine is going away"))
 
     # -- main loop ------------------------------------------------------------------
     def run(self) -> int:
@@ -523,6 +550,7 @@ class Agent:
                     exit_code = 4
                     break
                 self._report_dropped_output(now)
+                self._check_notice(now)
                 if not self.outbox and now - self.last_sent >= self.heartbeat_interval:
                     self.outbox.append((Msg.HEARTBEAT,))
                 try:

@@ -73,6 +73,15 @@ class Provider(abc.ABC):
         """Remove resources left by earlier runs; returns what was removed."""
         return []
 
+    def agent_options(self, record: MachineRecord) -> dict[str, object]:
+        """Extra handshake settings for the agent on ``record``'s machine.
+
+        Known keys: ``notice_file`` (a path the agent watches for an interruption
+        notice), ``poweroff`` (the argv that powers the machine off when the client is
+        gone; defaults to ``shutdown -h now`` when ``poweroff_on_watchdog`` is set).
+        """
+        return {}
+
     def can_replace(self) -> bool:
         """Whether a lost machine can be replaced by launching another."""
         return True
