@@ -233,3 +233,11 @@ def test_interruption_notice_moves_queued_work_and_replaces_the_machine(tmp_path
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "going away (spot interruption" in messages
     assert "max_lifetime" not in messages
+
+
+def test_local_provider_runs_cloud_scripts_unchanged(caplog):
+    caplog.set_level(logging.INFO, logger="vmexec.providers.local")
+    with VMExecutor(2, provider="local", instance_type=["c7g.large", "c7i.large"],
+                    regions=["us-east-1", "us-west-2"], spot=True) as ex:
+        assert ex.submit(helpers.add, 1, 2).result(timeout=60) == 3
+    assert "ignores the cloud option(s) instance_type, regions, spot" in caplog.text

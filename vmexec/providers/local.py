@@ -8,6 +8,7 @@ Must not import: scheduler, executor.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import sys
@@ -20,6 +21,17 @@ from vmexec.transports.base import Transport
 from vmexec.transports.local import LocalTransport
 
 _ids = itertools.count(1)
+
+# Options that describe cloud machines. The local provider accepts and ignores them, so
+# that a script written for EC2 runs unchanged with VMEXEC_PROVIDER=local ("try before
+# paying"); anything else unknown is still refused, which catches typos.
+CLOUD_ONLY_OPTIONS = frozenset({
+    "instance_type", "regions", "arm", "spot", "ami", "ssh_cidr", "iam_instance_profile",
+    "root_volume_gb", "tags", "name", "packages", "index_url", "find_links",
+    "slots_per_machine", "max_hourly_cost", "budget", "environment", "exclude", "env",
+    "forward_env",
+})
+logger = logging.getLogger(__name__)
 
 
 class LocalProvider(Provider):
@@ -35,11 +47,16 @@ class LocalProvider(Provider):
 
     def __init__(self, max_workers: Optional[int], *, machines: int = 1,
                  python: Optional[str] = None, **unknown: Any) -> None:
-        if unknown:
+        ignored = sorted(set(unknown) & CLOUD_ONLY_OPTIONS)
+        wrong = sorted(set(unknown) - CLOUD_ONLY_OPTIONS)
+        if wrong:
             raise ConfigError(
-                f"provider 'local' does not take option(s) {', '.join(sorted(unknown))}: "
+                f"provider 'local' does not take option(s) {', '.join(wrong)}: "
                 "it accepts machines= and python="
             )
+        if ignored:
+            logger.info("provider 'local' runs on this computer and ignores the cloud "
+                        "option(s) %s", ", ".join(ignored))
         if not isinstance(machines, int) or isinstance(machines, bool) or machines < 1:
             raise ConfigError(f"machines must be a positive int, got {machines!r}")
         self.max_workers = max_workers or os.cpu_count() or 1
