@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from vmexec import VMExecutor
+from aws_fixtures import *  # noqa: F401,F403  (registers the AWS fixtures for every module)
 from vmexec.testing.sshd import SSHServer, sshd_available
 
 # Tests run on machines shared with other jobs: keep failure detection quick but not

@@ -15,7 +15,7 @@ import pytest
 
 import helpers
 from helpers_wait import wait_until
-from vmexec import BrokenFleet, ConfigError, ProviderNotAvailable, VersionMismatch, VMExecutor
+from vmexec import BrokenFleet, ConfigError, VersionMismatch, VMExecutor
 from vmexec import protocol
 from vmexec.protocol import FrameReader, Msg, decode, encode_frame
 from vmexec.transports.local import LocalTransport
@@ -129,10 +129,10 @@ def test_provider_from_environment(monkeypatch):
         assert ex.submit(helpers.add, 2).result(timeout=60) == 2
 
 
-def test_ec2_is_a_clear_error_until_available(monkeypatch):
+def test_ec2_is_the_default_and_checks_its_options_first(monkeypatch):
     monkeypatch.delenv("VMEXEC_PROVIDER", raising=False)
-    with pytest.raises(ProviderNotAvailable, match="provider='local'"):
-        VMExecutor(4)
+    with pytest.raises(ConfigError, match="instance_type="):
+        VMExecutor(4)  # no AWS call is made before this error
 
 
 def test_bad_options_are_refused_before_anything_starts():

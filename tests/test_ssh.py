@@ -22,7 +22,7 @@ import pytest
 from vmexec.errors import ConfigError, HostKeyError, TransportError
 from vmexec.providers.ssh import SSHProvider, parse_host
 from vmexec.testing.proxy import TCPProxy
-from vmexec.testing.sshd import SSHServer, sshd_available
+from vmexec.testing.sshd import SSHServer
 from vmexec.transports.ssh import SSHTransport, open_ssh_transport
 
 PY = shlex.quote(sys.executable)

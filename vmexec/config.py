@@ -150,6 +150,18 @@ class SchedulerConfig:
                    max_tasks_per_child=max_tasks_per_child, **picked)
 
 
+    def shared_with(self, provider_class: type) -> dict[str, Any]:
+        """The fields that ``provider_class.__init__`` also takes, with their values."""
+        import inspect
+
+        try:
+            parameters = inspect.signature(provider_class.__init__).parameters
+        except (TypeError, ValueError):
+            return {}
+        return {name: getattr(self, name) for name in ("boot_timeout", "max_lifetime")
+                if name in parameters and getattr(self, name) is not None}
+
+
 def _positive_int_or_none(name: str, value: Any, message: str) -> None:
     if value is None:
         return

@@ -68,7 +68,11 @@ class VMExecutor(Executor):
             raise TypeError("initializer must be a callable")
         name = provider_from_environment(provider)
         provider_class = get_provider_class(name)
-        self._provider: Provider = provider_class(max_workers=max_workers, **provider_options)
+        # Settings both layers use (e.g. a cloud provider bakes boot_timeout and
+        # max_lifetime into the machine's own dead-man switch) go to the provider too.
+        shared = config.shared_with(provider_class)
+        self._provider: Provider = provider_class(max_workers=max_workers, **shared,
+                                                  **provider_options)
         initializer_bytes = None
         if initializer is not None:
             pickling.register_user_modules()

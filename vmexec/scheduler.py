@@ -656,6 +656,7 @@ class Scheduler:
             if machine.state != "ready":
                 return
             machine.state = "draining"
+            machine.record.state = "draining"  # providers stop counting it: a replacement may launch
             machine.drain_reason = f"going away ({text})"
             must_flush = self._enqueue_locked(machine, [(Msg.RELEASE,)])
             self._wake.notify()

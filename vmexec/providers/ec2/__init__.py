@@ -1,22 +1,923 @@
-"""The ``ec2`` provider (AWS). Not available in this release.
+"""The ``ec2`` provider: fleets of EC2 instances, mixed architectures, several regions.
 
-Selecting it gives a clear error instead of a half-working fleet; the local and ssh
-providers run the same executor today.
+``EC2Provider`` ties the pieces of this package together::
+
+    __init__   validate options -> DescribeRegions -> per region (parallel): instance
+               types, zones, default subnets, images -> Plan  (ConfigError before any
+               resource exists; nothing is created here)
+    launch     per region, once: security group + launch template (resources.py)
+               -> Launcher: batched CreateFleet calls with capacity fallback (fleet.py)
+    connect    wait for "running" (one batched poll per region) -> SSH with the fleet's
+               pinned host key and ephemeral client key (userdata.py), retried while the
+               machine boots -> probe the boot outcome -> the agent's SSH channel
+    terminate  terminate + wait + delete SG/launch templates + verify by tag, every
+               region (resources.py); also from atexit and SIGINT/SIGTERM
+
+Every resource is tagged ``vmexec:fleet``/``vmexec:owner``/``vmexec:created`` so that
+``vmexec cleanup`` (``resources.sweep``) finds whatever a killed client left behind, and
+the machines power themselves off (``InstanceInitiatedShutdownBehavior=terminate``) when
+no agent runs on them (the boot script's dead-man loop) or the client goes silent (the
+agent's watchdog).
+
+Testing seams (for tests and the local-cloud harness):
+
+* ``session=`` / ``endpoint_url=``: a boto3 session (register
+  ``errors.FaultInjector`` / ``errors.ApiCallCounter`` on it first) and e.g. a moto
+  server's URL, used for every client (EC2 and SSM).
+* ``address_for=``: ``record -> (host, port)`` to SSH to (default: the public IP, else
+  the private IP, port 22), and ``ssh_user=`` the login user.
+* ``boot_env=``: extra ``export`` lines at the top of the boot script (e.g.
+  ``VMEXEC_SSHD_RELOAD``, ``VMEXEC_POWEROFF``, ``VMEXEC_DEADMAN_INTERVAL``); the
+  harness sets ``VMEXEC_ROOT`` per machine when it runs the script and in the sshd
+  session environment, which ``userdata.agent_command()`` expands.
+* ``handle_signals=False`` leaves SIGINT/SIGTERM alone (atexit cleanup stays).
+
+boto3 is imported here and in the modules of this package only.
+Must not import: the scheduler, the executor, paramiko (SSH goes through
+``vmexec.transports.ssh``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import atexit
+import base64
+import datetime
+import ipaddress
+import logging
+import math
+import re
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Mapping, Optional, Sequence
 
-from vmexec.errors import ProviderNotAvailable
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError, InvalidRegionError
+
+from vmexec import retry
+from vmexec.errors import CapacityError, ConfigError, QuotaError, TransportError
+from vmexec.providers.base import MachineRecord, Provider
+from vmexec.providers.ec2 import resources
+from vmexec.providers.ec2.errors import throttled
+from vmexec.providers.ec2.fleet import (
+    InstanceWatcher,
+    Launcher,
+    RegionClients,
+    RegionLaunchSetup,
+    describe_region,
+    describe_regions,
+)
+from vmexec.providers.ec2.images import (
+    ImageInfo,
+    check_root_volume,
+    resolve_images,
+    validate_ami_option,
+)
+from vmexec.providers.ec2.plan import (
+    Plan,
+    RegionFacts,
+    allocate,
+    as_name_list,
+    check_regions,
+    make_plan,
+)
+from vmexec.providers.ec2.userdata import (
+    FAILED,
+    NOTICE_FILE,
+    READY,
+    BootSpec,
+    FleetKeys,
+    agent_command,
+    probe_command,
+    render_userdata,
+)
+from vmexec.transports.base import Transport
+from vmexec.transports.ssh import open_ssh_transport
+
+__all__ = ["EC2Provider", "agent_command", "detect_ssh_cidr"]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_REGION = "us-east-1"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# After a launch found no capacity (or hit a quota), launch() adds nothing for this
+# long, so that the scheduler does not hammer EC2 with the same failing request.
+_LAUNCH_COOLDOWN = 60.0
+# Each SSH probe waits this long on the machine for the boot to finish before the
+# client reconnects: few connections per machine, and a timely answer.
+_PROBE_WAIT = 30
+_CONSOLE_TAIL = 2000
+# Every option, for the message about an unknown one.
+_OPTIONS = ("instance_type", "regions", "arm", "spot", "ami", "ssh_cidr",
+            "iam_instance_profile", "root_volume_gb", "tags", "name", "packages",
+            "index_url", "find_links", "wheel_urls", "session", "endpoint_url",
+            "slots_per_machine", "boot_timeout", "max_lifetime", "ssh_user", "address_for",
+            "boot_env", "handle_signals")
 
 
-class EC2Provider:
+def detect_ssh_cidr() -> str:
+    """This client's address as a /32 (or /128), found without sending anything.
+
+    A UDP socket ``connect`` to a public address only asks the kernel for the route,
+    whose source address is ours; no packet leaves the machine.
+
+    Raises:
+        ConfigError: no route, or the address is private (behind NAT, AWS sees another
+            address): the message says to pass ``ssh_cidr=``.
+    """
+    for family, probe in ((socket.AF_INET, ("8.8.8.8", 53)),
+                          (socket.AF_INET6, ("2001:4860:4860::8888", 53))):
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.connect(probe)
+                address = ipaddress.ip_address(sock.getsockname()[0])
+        except OSError:
+            continue
+        if not address.is_global:
+            raise ConfigError(
+                f"ssh_cidr: this computer's address {address} is private (behind NAT, AWS "
+                "sees another address), so vmexec cannot tell whom to let in on port 22. "
+                "Pass ssh_cidr='<your public IP>/32' (e.g. from "
+                "`curl https://checkip.amazonaws.com`), or the CIDR of your network")
+        return f"{address}/{address.max_prefixlen}"
+    raise ConfigError("ssh_cidr: this computer has no route to the internet to find its "
+                      "address; pass ssh_cidr='<address>/32' explicitly")
+
+
+def _positive(name: str, value: Any, *, integer: bool, allow_none: bool = True) -> Any:
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool) or value <= 0 or not math.isfinite(value):
+        kind = "a positive integer" if integer else "a positive number of seconds"
+        raise ConfigError(f"{name} must be {kind}" + (" or None" if allow_none else "")
+                          + f", not {value!r}")
+    return value
+
+
+def _strings(name: str, value: Any, example: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        raise ConfigError(f"{name} must be a list of strings, not one string: "
+                          f"{name}=[{value!r}]")
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be a list of strings such as {example}, "
+                          f"not {value!r}") from None
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise ConfigError(f"{name} must contain non-empty strings such as {example}, "
+                              f"not {item!r}")
+    return items
+
+
+class EC2Provider(Provider):
+    """Machines on EC2, planned across instance types (any mix of arm64 and x86_64) and
+    regions, launched in batches as demand grows, reached over pinned SSH.
+
+    Args:
+        max_workers: task slots wanted in total (required).
+        instance_type: one type or a list (``"c7g.large"``, ``["c7g.large", "c7i.large"]``);
+            slots are split evenly across the listed types within each region.
+        regions: one region or a list; slots are split evenly across them. Default: the
+            session's region, else us-east-1.
+        arm: True keeps only arm64 types, False only x86_64, None uses all listed.
+        spot: launch spot instances first, on-demand where spot is short.
+        ami: image override: one id, or ``{(region, arch): id}`` (default: latest Amazon
+            Linux 2023 per arch and region; GPU types get the Deep Learning Base AMI).
+        ssh_cidr: who may reach port 22 (default: this computer's address /32).
+        iam_instance_profile: instance profile name or ARN for the machines' own role (the
+            client's credentials never leave it).
+        root_volume_gb: root volume size (default: the image's).
+        tags: extra tags on every resource.
+        name: a name for the fleet (the ``Name`` tag; shown by ``vmexec ls``).
+        packages: extra pip requirements installed on the machines.
+        index_url: a package index for the machines (a mirror).
+        find_links: wheel folders or URLs; alone (without ``index_url``) the install is
+            offline.
+        wheel_urls: wheels to install instead of ``vmexec==<this version>`` from the index
+            (vmexec built from this copy, staged where the machines can fetch it).
+        session: the ``boto3.Session`` to use (default: a new one from the environment).
+        endpoint_url: AWS endpoint for every client (e.g. a moto server).
+        slots_per_machine: slots per machine (default: its vCPU count).
+        boot_timeout: seconds a machine may take to boot and answer SSH.
+        max_lifetime: seconds after which machines power themselves off anyway.
+        ssh_user: the login user of the image (``ec2-user`` on Amazon Linux).
+        address_for: ``record -> (host, port)`` to SSH to (testing seam).
+        boot_env: extra environment exported at the top of the boot script (testing seam;
+            readable on the machine: no secrets).
+        handle_signals: install SIGINT/SIGTERM handlers that tear the fleet down.
+
+    Raises:
+        ConfigError: any option is wrong, a region/type/image is unknown or unavailable, or
+            AWS credentials are missing — before any resource is created.
+        ProviderNotAvailable: boto3 is not installed (``pip install 'vmexec[aws]'``).
+    """
+
     name = "ec2"
+    poweroff_on_watchdog = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise ProviderNotAvailable(
-            "provider 'ec2' is not available in this version of vmexec. Use "
-            "provider='local' to run on this computer or provider='ssh', hosts=[...] for "
-            "machines you already have (or set VMEXEC_PROVIDER=local)"
+    def __init__(
+        self,
+        max_workers: Optional[int] = None,
+        *,
+        instance_type: Any = None,
+        regions: Any = None,
+        arm: Optional[bool] = None,
+        spot: bool = False,
+        ami: Any = None,
+        ssh_cidr: Optional[str] = None,
+        iam_instance_profile: Optional[str] = None,
+        root_volume_gb: Optional[int] = None,
+        tags: Optional[Mapping[str, str]] = None,
+        name: Optional[str] = None,
+        packages: Sequence[str] = (),
+        index_url: Optional[str] = None,
+        find_links: Any = None,
+        wheel_urls: Sequence[str] = (),
+        session: Any = None,
+        endpoint_url: Optional[str] = None,
+        slots_per_machine: Optional[int] = None,
+        boot_timeout: float = 900.0,
+        max_lifetime: Optional[float] = None,
+        ssh_user: str = "ec2-user",
+        address_for: Optional[Callable[[MachineRecord], tuple[str, int]]] = None,
+        boot_env: Optional[Mapping[str, str]] = None,
+        handle_signals: bool = True,
+        **unknown: Any,
+    ) -> None:
+        # -- options that need no AWS call ---------------------------------------------
+        if unknown:
+            raise ConfigError(
+                f"provider 'ec2' does not take option(s) {', '.join(sorted(unknown))}; it "
+                f"accepts {', '.join(_OPTIONS)} (and the executor's timing options)")
+        if max_workers is None:
+            raise ConfigError("provider='ec2' needs max_workers= (task slots across the "
+                              "fleet): the fleet is sized from it")
+        _positive("max_workers", max_workers, integer=True, allow_none=False)
+        if instance_type is None:
+            raise ConfigError("provider='ec2' needs instance_type=, e.g. 'c7g.large' or "
+                              "['c7g.large', 'c7i.large']")
+        self.instance_types = as_name_list(instance_type, "instance_type",
+                                           "'c7g.large' or ['c7g.large', 'c7i.large']")
+        if arm not in (None, True, False):
+            raise ConfigError(f"arm must be True (arm64 only), False (x86_64 only) or None "
+                              f"(types as listed), not {arm!r}")
+        if not isinstance(spot, bool):
+            raise ConfigError(f"spot must be True or False, not {spot!r}")
+        self.ami = validate_ami_option(ami)
+        self.root_volume_gb = _positive("root_volume_gb", root_volume_gb, integer=True)
+        self.slots_per_machine = _positive("slots_per_machine", slots_per_machine,
+                                           integer=True)
+        self.boot_timeout = float(_positive("boot_timeout", boot_timeout, integer=False,
+                                            allow_none=False))
+        self.max_lifetime = _positive("max_lifetime", max_lifetime, integer=False)
+        if iam_instance_profile is not None and (not isinstance(iam_instance_profile, str)
+                                                 or not iam_instance_profile.strip()):
+            raise ConfigError(f"iam_instance_profile must be an instance profile name or "
+                              f"ARN, not {iam_instance_profile!r}")
+        self.iam_instance_profile = iam_instance_profile
+        self.user_tags = resources.validate_user_tags(tags)
+        if name is not None and (not isinstance(name, str) or not _NAME_RE.match(name)):
+            raise ConfigError(f"name must be 1-63 letters, digits, '.', '_' or '-', "
+                              f"not {name!r}")
+        self.fleet_name = name
+        self.packages = _strings("packages", packages, "['numpy==2.0', 'pandas']")
+        self.find_links = (find_links,) if isinstance(find_links, str) else \
+            _strings("find_links", find_links, "['https://mirror/wheels/']")
+        self.wheel_urls = _strings("wheel_urls", wheel_urls, "['https://.../vmexec.whl']")
+        if index_url is not None and (not isinstance(index_url, str) or not index_url):
+            raise ConfigError(f"index_url must be a URL string, not {index_url!r}")
+        self.index_url = index_url
+        if address_for is not None and not callable(address_for):
+            raise ConfigError("address_for must be a callable record -> (host, port)")
+        self.address_for = address_for or _default_address
+        self.boot_env = dict(boot_env or {})
+        for key, value in self.boot_env.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ConfigError(f"boot_env must map str to str, got {key!r}: {value!r}")
+        self.ssh_user = ssh_user
+        if ssh_cidr is None:
+            ssh_cidr = detect_ssh_cidr()
+        try:
+            network = ipaddress.ip_network(ssh_cidr, strict=False)
+        except (TypeError, ValueError):
+            raise ConfigError(f"ssh_cidr must be a network like '203.0.113.7/32', "
+                              f"not {ssh_cidr!r}") from None
+        if network.prefixlen == 0:
+            log.warning("ssh_cidr=%s opens port 22 of every machine to the whole internet; "
+                        "the host keys are pinned and only the fleet's key may log in, but "
+                        "a narrower ssh_cidr is safer", network)
+        self.ssh_cidr = str(network)
+        if endpoint_url is not None and not isinstance(endpoint_url, str):
+            raise ConfigError(f"endpoint_url must be a URL string, not {endpoint_url!r}")
+        self.endpoint_url = endpoint_url
+        if session is None:
+            session = boto3.Session()
+        elif not hasattr(session, "client"):
+            raise ConfigError(f"session must be a boto3.Session, not {session!r}")
+        self.session = session
+        if session.get_credentials() is None:
+            raise ConfigError(
+                "no AWS credentials found: configure them (`aws configure`, AWS_PROFILE, "
+                "or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), or pass session=boto3."
+                "Session(profile_name=...). Or try provider='local' first")
+        home = session.region_name or _DEFAULT_REGION
+        self.regions = as_name_list(regions if regions is not None else home, "regions",
+                                    "'us-east-1' or ['us-east-1', 'us-west-2']")
+        self.spot = spot
+        self.max_workers = max_workers
+        self.fleet_id = f"vmx-{secrets.token_hex(4)}"
+        self.created = resources.utc_now()
+        self.tags = resources.fleet_tags(self.fleet_id, name=name, user_tags=self.user_tags,
+                                         created=self.created)
+
+        # -- clients (created here, in one thread: boto3 sessions are not thread-safe) --
+        # botocore retries twice at most (network hiccups); throttling beyond that goes
+        # to vmexec.retry's jittered backoff, which the logs show.
+        self._config = Config(retries={"mode": "standard", "total_max_attempts": 2},
+                              connect_timeout=10, read_timeout=120, max_pool_connections=50)
+        try:
+            self.clients = {r: RegionClients(r, self._client("ec2", r),
+                                             self._client("ssm", r)) for r in self.regions}
+            home_ec2 = self.clients[home].ec2 if home in self.clients else \
+                self._client("ec2", home)
+        except InvalidRegionError as exc:
+            raise ConfigError(f"regions: {exc}; use names like 'us-east-1'") from None
+
+        # -- what AWS offers: validation and the plan (no resource is created) ---------
+        check_regions(self.regions, describe_regions(home_ec2))
+        facts = self._per_region(lambda r: describe_region(self.clients[r],
+                                                           self.instance_types))
+        self.facts: dict[str, RegionFacts] = facts
+        self.plan: Plan = make_plan(facts, self.instance_types, self.regions,
+                                    max_workers=max_workers, arm=arm, spot=spot,
+                                    slots_per_machine=self.slots_per_machine)
+        self.type_infos = {t: info for f in facts.values() for t, info in f.types.items()}
+        self.images: dict[str, dict[tuple[str, bool], ImageInfo]] = self._per_region(
+            self._images_for)
+        for region, images in self.images.items():
+            check_root_volume(images, self.root_volume_gb, region)
+        log.info("fleet %s plan:\n%s", self.fleet_id, self.plan.text())
+
+        # -- state -----------------------------------------------------------------------
+        self._lock = threading.Lock()  # records, setups, keys
+        self._launch_lock = threading.Lock()  # one launch at a time; teardown waits for it
+        self._teardown_lock = threading.Lock()
+        self._records: dict[str, MachineRecord] = {}
+        self._setups: dict[str, RegionLaunchSetup] = {}
+        self._setup_locks = {r: threading.Lock() for r in self.regions}
+        self._keys: Optional[FleetKeys] = None
+        self._userdata: Optional[str] = None
+        self._closed = False
+        # Set with _closed: wakes connect threads pausing between SSH attempts.
+        self._closing = threading.Event()
+        self._probes: set[Transport] = set()  # boot probes in flight, closed at teardown
+        self._roots: dict[str, str] = {}  # instance id -> its $VMEXEC_ROOT ("" on EC2)
+        self._blocked_until = 0.0
+        self._background: Optional[threading.Thread] = None
+        # Reentrant: a signal handler may run while the main thread is inside this lock.
+        self._background_lock = threading.RLock()
+        self._current_launch: Optional[list[MachineRecord]] = None
+        self.teardown_summary: Optional[resources.TeardownSummary] = None
+        self._watchers = {r: InstanceWatcher(self.clients[r].ec2, r) for r in self.regions}
+        # The keys exist from here on (a harness may pin a test sshd to them before the
+        # first launch); the temporary directory goes at teardown or with the object.
+        # Rendering the boot script now checks ssh_user, boot_env and its 16 KB limit.
+        self.userdata()
+        self._launcher = Launcher(self.plan, self.type_infos, self.clients,
+                                  self._region_setup, spot=spot, on_created=self._remember,
+                                  provider_name=self.name)
+        _register(self, handle_signals)
+
+    # -- helpers for construction ---------------------------------------------------------
+    def _client(self, service: str, region: str) -> Any:
+        return self.session.client(service, region_name=region,
+                                   endpoint_url=self.endpoint_url, config=self._config)
+
+    def _per_region(self, fn: Callable[[str], Any]) -> dict[str, Any]:
+        if len(self.regions) == 1:
+            return {self.regions[0]: fn(self.regions[0])}
+        with ThreadPoolExecutor(len(self.regions), "vmexec-ec2-describe") as pool:
+            return dict(zip(self.regions, pool.map(fn, self.regions)))
+
+    def _images_for(self, region: str) -> dict[tuple[str, bool], ImageInfo]:
+        wanted = {(line.arch, line.gpus > 0) for line in self.plan.lines
+                  if line.region == region}
+        return resolve_images(self.clients[region].ssm, self.clients[region].ec2, region,
+                              wanted, self.ami)
+
+    # -- introspection ---------------------------------------------------------------------
+    @property
+    def keys(self) -> FleetKeys:
+        """The fleet's SSH keys: client key, host key, known_hosts (temporary files)."""
+        return self._ensure_keys()
+
+    def boot_spec(self) -> BootSpec:
+        """What the boot script of this fleet installs."""
+        keys = self._ensure_keys()
+        return BootSpec(
+            fleet_id=self.fleet_id, client_public_key=keys.client_public,
+            host_private_key=keys.host_private, host_public_key=keys.host_public,
+            login_user=self.ssh_user, wheel_urls=self.wheel_urls, packages=self.packages,
+            index_url=self.index_url, find_links=self.find_links,
+            heartbeat_grace=int(self.boot_timeout + 600),
+            max_lifetime=int(self.max_lifetime or 0), env=self.boot_env,
         )
+
+    def userdata(self) -> str:
+        """The boot script (the same for every machine of the fleet)."""
+        with self._lock:
+            if self._userdata is None:
+                self._userdata = render_userdata(self.boot_spec())
+            return self._userdata
+
+    def _ensure_keys(self) -> FleetKeys:
+        if self._keys is None:
+            self._keys = FleetKeys(self.fleet_id)
+            # Keys left on disk if the provider is collected without terminate().
+            weakref.finalize(self, self._keys.remove)
+        return self._keys
+
+    # -- launch ------------------------------------------------------------------------------
+    def launch(self, slots_wanted: int) -> list[MachineRecord]:
+        """Start machines adding about ``slots_wanted`` slots, up to the plan's total.
+
+        Returns:
+            The new machines (booting); ``[]`` when the plan is complete, the fleet is shut
+            down, or a recent launch found no capacity/quota (for a minute).
+
+        Raises:
+            CapacityError: nothing could be launched anywhere.
+            QuotaError: an account quota stopped the launch (names the quota).
+            ConfigError, VMExecError: anything else (translated AWS error).
+            Whatever this call had started is terminated before it raises.
+        """
+        with self._launch_lock:
+            if self._closed:
+                return []
+            if time.monotonic() < self._blocked_until:
+                log.info("not launching for %.0fs more: the last launch found no capacity "
+                         "or hit a quota", self._blocked_until - time.monotonic())
+                return []
+            live: dict[tuple[str, str], int] = {}
+            live_slots = 0
+            with self._lock:
+                for record in self._records.values():
+                    # A machine that is lost, or draining before an interruption, no
+                    # longer counts: its replacement may be launched.
+                    if record.state not in ("terminated", "lost", "draining"):
+                        key = (record.region or "", record.instance_type or "")
+                        live[key] = live.get(key, 0) + 1
+                        live_slots += record.slots
+            room = self.plan.total_slots - live_slots
+            if slots_wanted <= 0 or room <= 0:
+                return []
+            wants = allocate(self.plan, live, min(slots_wanted, room))
+            if not wants:
+                return []
+            started_here: list[MachineRecord] = []
+            regions_before = set(self._setups)
+            self._current_launch = started_here
+            try:
+                report = self._launcher.launch(wants)
+            except BaseException as exc:
+                self._undo_launch(started_here, set(self._setups) - regions_before, exc)
+                if isinstance(exc, (CapacityError, QuotaError)):
+                    self._blocked_until = time.monotonic() + _LAUNCH_COOLDOWN
+                raise
+            finally:
+                self._current_launch = None
+            records = report.records
+            wanted = sum(wants.values())
+            if report.shortfall:
+                # Capacity ran out everywhere: asking again at once would fail the same way.
+                self._blocked_until = time.monotonic() + _LAUNCH_COOLDOWN
+            log.info("fleet %s: launched %d machine(s) (%d slots) in %d call(s)%s",
+                     self.fleet_id, len(records), sum(r.slots for r in records),
+                     report.calls,
+                     f"; {report.shortfall} of {wanted} had no capacity anywhere"
+                     if report.shortfall else "")
+            return records
+
+    def _remember(self, records: list[MachineRecord]) -> None:
+        with self._lock:
+            for record in records:
+                self._records[record.id] = record
+            if self._current_launch is not None:
+                self._current_launch.extend(records)
+
+    def _undo_launch(self, records: list[MachineRecord], new_regions: set[str],
+                     cause: BaseException) -> None:
+        """Destroy what a failed launch created: its instances, and the security groups
+        and launch templates it set up in regions launched in for the first time."""
+        if not records and not new_regions:
+            return
+        log.warning("launch failed (%s): removing the %d machine(s) it started%s", cause,
+                    len(records), f" and its resources in {', '.join(sorted(new_regions))}"
+                    if new_regions else "")
+        by_region: dict[str, list[str]] = {}
+        with self._lock:
+            for record in records:
+                by_region.setdefault(record.region or "", []).append(record.id)
+                record.state = "terminated"
+        if new_regions:
+            # A region set up by this launch holds nothing older: remove all of the
+            # fleet there, by tag, and verify.
+            summary = resources.teardown(
+                {r: self.clients[r].ec2 for r in new_regions}, self.fleet_id,
+                instance_ids={r: by_region.get(r, []) for r in new_regions})
+            if not summary.clean:
+                log.error("undoing the failed launch left resources: %s", summary.text())
+            with self._lock:
+                for region in new_regions:
+                    self._setups.pop(region, None)
+        for region, ids in by_region.items():
+            if region not in new_regions:
+                self._terminate_ids(region, ids)
+
+    def _region_setup(self, region: str) -> RegionLaunchSetup:
+        """The region's security group and launch template, created on first use."""
+        with self._setup_locks[region]:
+            setup = self._setups.get(region)
+            if setup is not None:
+                return setup
+            ec2 = self.clients[region].ec2
+            facts = self.facts[region]
+            images = self.images[region]
+            group_id = resources.create_security_group(
+                ec2, region, vpc_id=facts.vpc_id, fleet_id=self.fleet_id, ssh_cidr=self.ssh_cidr,
+                tags=self.tags)
+            try:
+                data, block_devices = self._template_data(region, group_id, images)
+                template_id = resources.create_launch_template(
+                    ec2, region, fleet_id=self.fleet_id, data=data, tags=self.tags)
+            except BaseException:
+                resources.teardown({region: ec2}, self.fleet_id)
+                raise
+            setup = RegionLaunchSetup(region=region, launch_template_id=template_id,
+                                      images=images, subnets=facts.subnets,
+                                      block_devices=block_devices)
+            with self._lock:
+                self._setups[region] = setup
+            return setup
+
+    def _template_data(self, region: str, group_id: str,
+                       images: Mapping[tuple[str, bool], ImageInfo]
+                       ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+        """Launch template data, and per-image root mappings when images differ."""
+        def root(image: ImageInfo) -> list[dict[str, Any]]:
+            ebs: dict[str, Any] = {"Encrypted": True, "DeleteOnTermination": True,
+                                   "VolumeType": "gp3"}
+            if self.root_volume_gb:
+                ebs["VolumeSize"] = self.root_volume_gb
+            return [{"DeviceName": image.root_device, "Ebs": ebs}]
+
+        first = next(iter(images.values()))
+        data: dict[str, Any] = {
+            "ImageId": first.image_id,
+            "SecurityGroupIds": [group_id],
+            "UserData": base64.b64encode(self.userdata().encode("utf-8")).decode("ascii"),
+            # IMDSv2 only: a server-side request forgery on the machine cannot read the
+            # instance's role credentials with a plain GET.
+            "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled",
+                                "HttpPutResponseHopLimit": 1},
+            # The agent's watchdog and the dead-man loop power off: that must end billing.
+            "InstanceInitiatedShutdownBehavior": "terminate",
+            "TagSpecifications": resources.tag_specifications(["instance", "volume"],
+                                                              self.tags),
+        }
+        if self.iam_instance_profile:
+            key = "Arn" if self.iam_instance_profile.startswith("arn:") else "Name"
+            data["IamInstanceProfile"] = {key: self.iam_instance_profile}
+        block_devices: dict[str, list[dict[str, Any]]] = {}
+        if len({image.root_device for image in images.values()}) == 1:
+            data["BlockDeviceMappings"] = root(first)
+        else:
+            block_devices = {image.image_id: root(image) for image in images.values()}
+        return data, block_devices
+
+    # -- connect -----------------------------------------------------------------------------
+    def connect(self, record: MachineRecord, timeout: float) -> Transport:
+        """Wait for ``record``'s instance to run and boot, then open the agent's channel.
+
+        Args:
+            record: a record from ``launch``.
+            timeout: seconds for all of it (also bounded by ``boot_timeout``).
+
+        Returns:
+            An SSH transport running ``userdata.agent_command()``.
+
+        Raises:
+            TransportError: the instance died, the boot script failed (with the reason
+                and the end of the machine's boot log), or it was not reachable in time
+                (with the last SSH error and the end of the console output).
+        """
+        if self._closed:
+            raise TransportError(f"{record.label}: the fleet is shutting down")
+        clock = retry.current_clock()
+        deadline = clock.monotonic() + min(timeout, self.boot_timeout)
+        entry = self._watchers[record.region or ""].wait_running(record.id, deadline)
+        record.state = "running"
+        record.address = entry.get("PublicIpAddress") or entry.get("PrivateIpAddress")
+        record.zone = entry.get("Placement", {}).get("AvailabilityZone", record.zone)
+        host, port = self.address_for(record)
+        keys = self._ensure_keys()
+
+        def ssh(command: str, seconds: float) -> Transport:
+            return open_ssh_transport(
+                host, port, self.ssh_user, key_filename=keys.client_key,
+                known_hosts=keys.known_hosts, host_key_policy="reject", command=command,
+                timeout=max(0.5, min(seconds, deadline - clock.monotonic())),
+                label=record.label)
+
+        def probe() -> None:
+            remaining = deadline - clock.monotonic()
+            wait = int(max(1, min(_PROBE_WAIT, remaining)))
+            transport = ssh(probe_command(wait), 30.0)
+            with self._lock:
+                self._probes.add(transport)
+            try:
+                output = _read_all(transport, wait + 30.0)
+            finally:
+                with self._lock:
+                    self._probes.discard(transport)
+            first, _, rest = output.partition("\n")
+            status, _, root = first.strip().partition(" ")
+            if status == READY:
+                with self._lock:
+                    self._roots[record.id] = root.strip()
+                return
+            if status == FAILED:
+                raise _BootFailed(rest.strip())
+            raise TransportError(f"{record.label} is still booting"
+                                 + (f"; boot log ends:\n{rest[-800:]}" if rest else ""))
+
+        policy = retry.booting(deadline, record.label, retry_on=(TransportError,),
+                               abort=self._closing, clock=clock)
+        try:
+            policy(probe)
+            transport = policy(ssh, agent_command(), 30.0)
+        except _BootFailed as failed:
+            raise TransportError(f"{record.label}: the boot script failed: {failed}") from None
+        except TransportError as exc:
+            if self._closed:
+                raise TransportError(f"{record.label}: the fleet is shutting down") from None
+            console = self._console_tail(record)
+            raise TransportError(
+                f"{record.label} was not ready within {min(timeout, self.boot_timeout):.0f}s "
+                f"(boot_timeout): last error: {exc}"
+                + (f"\nconsole output ends:\n{console}" if console else "")) from exc
+        return transport
+
+    def agent_options(self, record: MachineRecord) -> dict[str, object]:
+        """Tell the agent where spot interruption notices appear, and how to power off.
+
+        The notice file is the one the boot script's metadata poller writes, under the
+        machine's ``$VMEXEC_ROOT`` as the boot probe reported it. Power-off honours
+        ``$VMEXEC_POWEROFF`` in the machine's environment (as the boot script's dead-man
+        loop does), else ``shutdown -h now`` (through ``sudo -n`` when not root).
+        """
+        with self._lock:
+            root = self._roots.get(record.id, "")
+        return {"notice_file": f"{root.rstrip('/')}/{NOTICE_FILE}", "poweroff": _POWEROFF}
+
+    def _console_tail(self, record: MachineRecord) -> str:
+        try:
+            answer = self.clients[record.region or ""].ec2.get_console_output(
+                InstanceId=record.id, Latest=True)
+        except ClientError as exc:
+            log.debug("no console output for %s: %s", record.id, exc)
+            return ""
+        return str(answer.get("Output") or "")[-_CONSOLE_TAIL:]
+
+    # -- describe / terminate ----------------------------------------------------------------
+    def describe(self) -> list[MachineRecord]:
+        """The machines launched and not terminated."""
+        with self._lock:
+            return [r for r in self._records.values() if r.state != "terminated"]
+
+    def terminate(self, records: Optional[list[MachineRecord]] = None) -> None:
+        """Terminate ``records``; with None, tear the whole fleet down and verify it.
+
+        ``terminate(None)`` terminates every instance of the fleet in every region, waits,
+        deletes its security groups and launch templates, checks by tag that nothing is
+        left, removes the fleet's keys, and stores the ``TeardownSummary`` in
+        ``teardown_summary``. It is idempotent and thread-safe; the provider launches
+        nothing afterwards. Errors are logged (with the ``vmexec cleanup`` command), not
+        raised: this runs from shutdown paths.
+        """
+        if records is None:
+            self._teardown()
+            return
+        by_region: dict[str, list[str]] = {}
+        with self._lock:
+            for record in records:
+                known = self._records.get(record.id)
+                if known is None or known.state == "terminated":
+                    continue
+                known.state = record.state = "terminated"
+                by_region.setdefault(known.region or "", []).append(known.id)
+        if self._closed:
+            return  # the fleet's teardown terminates everything, by tag, in one call a region
+        for region, ids in by_region.items():
+            self._terminate_ids(region, ids)
+
+    def _terminate_ids(self, region: str, ids: list[str]) -> None:
+        try:
+            throttled(f"TerminateInstances in {region}",
+                      self.clients[region].ec2.terminate_instances, InstanceIds=ids)
+            log.info("%s: terminated %s", region, ", ".join(ids))
+        except ClientError as exc:
+            log.error("terminating %s in %s failed: %s; the fleet's teardown (or `vmexec "
+                      "cleanup --fleet %s`) will retry", ", ".join(ids), region, exc,
+                      self.fleet_id)
+
+    def _close(self) -> None:
+        """Refuse new launches and wake every connect thread that waits or retries."""
+        self._closed = True
+        self._closing.set()
+        for watcher in self._watchers.values():
+            watcher.close()
+        with self._lock:
+            probes = list(self._probes)
+        for transport in probes:
+            transport.close()
+
+    def _teardown(self) -> None:
+        with self._teardown_lock:
+            if self.teardown_summary is not None:
+                return
+            self._close()
+            # A launch in flight finishes first, so that what it starts is torn down too.
+            with self._launch_lock:
+                with self._lock:
+                    by_region: dict[str, list[str]] = {}
+                    for record in self._records.values():
+                        by_region.setdefault(record.region or "", []).append(record.id)
+                    touched = bool(self._setups or self._records)
+                if touched:
+                    summary = resources.teardown(
+                        {r: c.ec2 for r, c in self.clients.items()}, self.fleet_id,
+                        instance_ids=by_region)
+                else:  # nothing was ever launched: nothing to delete or verify
+                    summary = resources.TeardownSummary(fleet=self.fleet_id,
+                                                        regions=list(self.regions))
+                with self._lock:
+                    for record in self._records.values():
+                        record.state = "terminated"
+                self.teardown_summary = summary
+            if self._keys is not None:
+                self._keys.remove()
+            _unregister(self)
+
+    def sweep(self) -> list[str]:
+        """Remove what earlier runs *of this user on this computer* left in this fleet's
+        regions: other fleets with the same ``vmexec:owner``, older than two hours.
+
+        Other owners' fleets may be alive and are never touched here; ``vmexec cleanup``
+        is the tool for those.
+        """
+        me = resources.owner()
+        summary = resources.sweep(
+            {r: c.ec2 for r, c in self.clients.items()},
+            older_than=datetime.timedelta(hours=2),
+            select=lambda r: r.owner == me and r.fleet != self.fleet_id)
+        return [f"{kind}: {count}" for kind, count in sorted(summary.deleted.items())]
+
+    def can_replace(self) -> bool:
+        """A lost machine can be replaced while the fleet is not shutting down."""
+        return not self._closed
+
+    def start_background_teardown(self) -> threading.Thread:
+        """Start ``terminate(None)`` in a non-daemon thread (signal handlers use this).
+
+        The interpreter waits for the thread before it exits, so the cloud is cleaned even
+        when the main thread unwinds on KeyboardInterrupt.
+        """
+        # Stop launching and connecting at once, before the thread runs. (No lock: this
+        # runs in signal handlers.)
+        self._closed = True
+        self._closing.set()
+        with self._background_lock:
+            if self._background is None:
+                self._background = threading.Thread(target=self._teardown,
+                                                    name=f"vmexec-ec2-teardown-{self.fleet_id}")
+                self._background.start()
+            return self._background
+
+    def __repr__(self) -> str:
+        return (f"<EC2Provider {self.fleet_id} {len(self.describe())} machine(s) in "
+                f"{', '.join(self.regions)}>")
+
+
+# The agent's power-off argv: the same override as the boot script's dead-man loop.
+_POWEROFF = ["sh", "-c", 'cmd="${VMEXEC_POWEROFF:-}"; if [ -z "$cmd" ]; then '
+                         'if [ "$(id -u)" = 0 ]; then cmd="shutdown -h now"; '
+                         'else cmd="sudo -n shutdown -h now"; fi; fi; eval "$cmd"']
+
+
+class _BootFailed(Exception):
+    """The boot script wrote its ``failed`` marker: not worth retrying."""
+
+
+def _default_address(record: MachineRecord) -> tuple[str, int]:
+    if not record.address:
+        raise TransportError(f"{record.label} has no IP address")
+    return record.address, 22
+
+
+def _read_all(transport: Transport, timeout: float) -> str:
+    """Everything ``transport`` sends until EOF (closed after ``timeout`` seconds)."""
+    timer = threading.Timer(timeout, transport.close)
+    timer.daemon = True
+    timer.start()
+    chunks = []
+    try:
+        while True:
+            data = transport.read(65536)
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        timer.cancel()
+        transport.close()
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+# --- interpreter exit and signals -----------------------------------------------------------
+#
+# One process-wide set of handlers, installed with the first provider, tears down every
+# live provider. (One handler per provider would chain ever deeper and could not be
+# removed in any order.) The previous handlers are kept and called after ours.
+#
+# A handler never blocks: it starts the teardown in a non-daemon thread and lets the main
+# thread unwind (KeyboardInterrupt for SIGINT, SystemExit for SIGTERM), so locks the main
+# thread holds are released; the interpreter waits for the thread before exiting, and
+# ``_at_exit`` tears down whatever is still live.
+
+# Strong references: a provider must stay reachable until its resources are gone.
+_live: set[EC2Provider] = set()
+_live_lock = threading.Lock()
+_previous: dict[int, Any] = {}
+_installed = False
+
+
+def _register(provider: EC2Provider, handle_signals: bool) -> None:
+    global _installed
+    with _live_lock:
+        _live.add(provider)
+        if _installed:
+            return
+        _installed = True
+    atexit.register(_at_exit)
+    if not handle_signals or threading.current_thread() is not threading.main_thread():
+        log.debug("not installing signal handlers (handle_signals=%s, thread %s)",
+                  handle_signals, threading.current_thread().name)
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(signum)
+        if previous is signal.SIG_IGN or previous is None:
+            continue  # ignored on purpose, or owned by non-Python code: leave it
+        _previous[signum] = previous
+        signal.signal(signum, _on_signal)
+
+
+def _unregister(provider: EC2Provider) -> None:
+    with _live_lock:
+        _live.discard(provider)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    # No lock here: the main thread may be holding _live_lock when the signal arrives.
+    providers = list(_live)
+    for provider in providers:
+        provider.start_background_teardown()
+    if providers:
+        print(f"vmexec: {signal.Signals(signum).name}: tearing down {len(providers)} EC2 "
+              "fleet(s); a second Ctrl-C abandons it (then run `vmexec cleanup`)",
+              file=sys.stderr, flush=True)
+    previous = _previous.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        # For SIGINT usually signal.default_int_handler: KeyboardInterrupt, as expected.
+        previous(signum, frame)
+        return
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    # SIG_DFL would end the process at once; exit with the same status instead, after
+    # the teardown thread (the interpreter joins it) and atexit have run.
+    raise SystemExit(128 + signum)
+
+
+def _at_exit() -> None:
+    # terminate(None) waits for a teardown a signal started, or does it now.
+    for provider in list(_live):
+        provider.terminate(None)

@@ -1,0 +1,412 @@
+"""The boot script every machine runs (EC2 user-data) and the keys it installs.
+
+Owns:
+
+* ``FleetKeys`` — per fleet, an ephemeral ed25519 *client* key (to log in) and an ed25519
+  *host* key (for the machines' sshd), both generated here on the client. The host key
+  goes to the machines inside the user-data and its public half into a fleet-private
+  known_hosts file, so the very first SSH connection is already pinned: no
+  trust-on-first-use, no AutoAddPolicy. (All machines of a fleet share the host key: the
+  launch template carries one user-data for every machine, which is what keeps launches
+  batched. A machine of the fleet could impersonate another machine of the same fleet,
+  nothing else.)
+* ``render_userdata(spec)`` — the bash script (< 16 KB, the EC2 limit).
+* ``agent_command()`` / ``probe_command()`` — what the client runs over SSH, so the
+  local-cloud harness can run exactly the same.
+
+Every path in the script is under ``${VMEXEC_ROOT:-}`` so a harness can run it in a
+directory on one computer; on a real machine the variable is unset. The script:
+
+1. writes ``$VMEXEC_ROOT/var/log/vmexec-boot.log`` (all output), and on any failure
+   ``$VMEXEC_ROOT/var/lib/vmexec/failed`` with the reason;
+2. starts a dead-man loop first (so that even a hung boot ends): it powers the machine
+   off (``${VMEXEC_POWEROFF:-shutdown -h now}``; the instance then terminates) when
+   ``var/lib/vmexec/heartbeat`` is older than the grace period — the loop refreshes it
+   while an agent process is running, since the agent's own watchdog covers a vanished
+   client — and after ``max_lifetime``;
+3. installs the host key in ``$VMEXEC_ROOT/etc/ssh/`` and the client's public key in the
+   login user's ``authorized_keys``, then restarts sshd
+   (``${VMEXEC_SSHD_RELOAD:-systemctl restart sshd}``);
+4. finds ``python3.X`` of the client's minor version (else installs it with dnf or apt,
+   else ``uv python install``), creates ``$VMEXEC_ROOT/opt/vmexec/venv`` and installs
+   vmexec (wheel URLs from the spec, else ``vmexec==<version>``), cloudpickle, psutil and
+   the user's ``packages`` — from ``index_url`` / ``find_links`` when given (mirrors,
+   offline installs);
+5. touches ``$VMEXEC_ROOT/var/lib/vmexec/ready``.
+
+No AWS credential ever appears in the script: it is built only from the spec's fields
+(keys generated here, package names, URLs), never from the boto3 session.
+
+Imports ``cryptography`` for key generation (not paramiko, which only
+``vmexec.transports.ssh`` imports); no boto3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+from typing import Mapping, Optional, Sequence
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from vmexec._version import __version__
+from vmexec.errors import ConfigError
+
+__all__ = [
+    "USERDATA_LIMIT",
+    "NOTICE_FILE",
+    "BootSpec",
+    "FleetKeys",
+    "render_userdata",
+    "agent_command",
+    "probe_command",
+    "READY",
+    "FAILED",
+    "WAITING",
+]
+
+#: EC2 refuses user-data larger than this (before base64).
+USERDATA_LIMIT = 16 * 1024
+
+#: First line the probe prints: the boot finished, failed, or is still running.
+READY, FAILED, WAITING = "VMEXEC-READY", "VMEXEC-FAILED", "VMEXEC-WAITING"
+
+#: Where the boot script's poller writes EC2's spot interruption notice (the JSON of
+#: ``/latest/meta-data/spot/instance-action``), relative to ``$VMEXEC_ROOT``; the agent
+#: watches it (``EC2Provider.agent_options``).
+NOTICE_FILE = "var/lib/vmexec/spot-interruption"
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LOGIN_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+
+
+def _openssh_public(key: Ed25519PrivateKey, comment: str) -> str:
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH)
+    return f"{public.decode('ascii')} {comment}"
+
+
+def _openssh_private(key: Ed25519PrivateKey) -> str:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                             serialization.NoEncryption()).decode("ascii")
+
+
+class FleetKeys:
+    """The fleet's ephemeral keys, on disk in a private temporary directory.
+
+    Attributes:
+        directory: the temporary directory (mode 0700), removed by ``remove()``.
+        client_key: path of the client's private key (0600), for ``open_ssh_transport``.
+        client_public: the client's public key line (goes to authorized_keys).
+        host_private: the machines' host private key (OpenSSH format, goes in user-data).
+        host_public: the machines' host public key line.
+        known_hosts: path of the known_hosts file pinning ``host_public`` for every
+            address (this file is used for this fleet's connections only).
+    """
+
+    def __init__(self, fleet_id: str) -> None:
+        self.directory = tempfile.mkdtemp(prefix=f"vmexec-{fleet_id}-")
+        os.chmod(self.directory, 0o700)
+        client = Ed25519PrivateKey.generate()
+        host = Ed25519PrivateKey.generate()
+        self.client_public = _openssh_public(client, f"vmexec-{fleet_id}-client")
+        self.host_private = _openssh_private(host)
+        self.host_public = _openssh_public(host, f"vmexec-{fleet_id}-host")
+        self.client_key = os.path.join(self.directory, "client_ed25519")
+        fd = os.open(self.client_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(_openssh_private(client))
+        with open(self.client_key + ".pub", "w", encoding="ascii") as f:
+            f.write(self.client_public + "\n")
+        self.known_hosts = os.path.join(self.directory, "known_hosts")
+        key_type, key_data = self.host_public.split()[:2]
+        with open(self.known_hosts, "w", encoding="ascii") as f:
+            # Any address: machines get addresses only at launch, and this file serves
+            # this fleet's machines alone.
+            f.write(f"* {key_type} {key_data}\n")
+
+    def remove(self) -> None:
+        """Delete the keys from disk (idempotent)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class BootSpec:
+    """Everything the boot script needs; nothing else goes into user-data.
+
+    Attributes:
+        fleet_id: the fleet, for log lines.
+        client_public_key: OpenSSH public key line allowed to log in.
+        host_private_key: OpenSSH private host key (ed25519) for sshd.
+        host_public_key: its public line.
+        login_user: the account that gets the key (``ec2-user`` on Amazon Linux).
+        python: the client's ``major.minor``, e.g. ``"3.11"``.
+        vmexec_version: installed as ``vmexec==<version>`` when no wheel URL is given.
+        wheel_urls: wheels to install (vmexec built from the client's copy, ...).
+        packages: extra pip requirements.
+        index_url: a package index (mirror) instead of PyPI.
+        find_links: wheel folders/URLs; without ``index_url`` the install is offline
+            (``--no-index``).
+        heartbeat_grace: seconds without an agent after which the machine powers off.
+        max_lifetime: seconds after boot at which it powers off anyway (0: never).
+        env: extra ``export`` lines at the top (the harness's settings, mirrors' tokens
+            are NOT meant for this: user-data is readable on the machine).
+    """
+
+    fleet_id: str
+    client_public_key: str
+    host_private_key: str
+    host_public_key: str
+    login_user: str = "ec2-user"
+    python: str = f"{sys.version_info.major}.{sys.version_info.minor}"
+    vmexec_version: str = __version__
+    wheel_urls: tuple[str, ...] = ()
+    packages: tuple[str, ...] = ()
+    index_url: Optional[str] = None
+    find_links: tuple[str, ...] = ()
+    heartbeat_grace: int = 1800
+    max_lifetime: int = 0
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in self.env:
+            if not _ENV_NAME.match(name):
+                raise ConfigError(f"boot_env: {name!r} is not a valid environment variable "
+                                  "name ([A-Za-z_][A-Za-z0-9_]*)")
+        if not _LOGIN_USER.match(self.login_user):
+            raise ConfigError(f"ssh_user: {self.login_user!r} is not a valid user name")
+        if not re.match(r"^\d+\.\d+$", self.python):
+            raise ConfigError(f"python version must look like '3.11', not {self.python!r}")
+
+
+def _q(value: str) -> str:
+    return shlex.quote(value)
+
+
+def _words(values: Sequence[str]) -> str:
+    return " ".join(_q(v) for v in values)
+
+
+# The static part of the script. {placeholders} are filled by render_userdata with
+# shell-quoted values; literal braces are doubled.
+_SCRIPT = r"""#!/bin/bash
+# vmexec boot script for fleet {fleet} (generated by vmexec/providers/ec2/userdata.py).
+{exports}
+set -u
+umask 022
+R="${{VMEXEC_ROOT:-}}"
+STATE="$R/var/lib/vmexec"
+LOG="$R/var/log/vmexec-boot.log"
+VENV="$R/opt/vmexec/venv"
+mkdir -p "$STATE" "$R/var/log" "$R/etc/ssh" "$R/opt/vmexec"
+rm -f "$STATE/ready" "$STATE/failed"
+exec >>"$LOG" 2>&1
+step() {{ echo "[vmexec-boot $(date -u +%Y-%m-%dT%H:%M:%SZ)] $*"; }}
+fail() {{ step "FAILED: $*"; printf '%s\n' "$*" >"$STATE/failed"; exit 1; }}
+step "fleet {fleet}: boot script started (VMEXEC_ROOT='$R')"
+date +%s >"$STATE/boot-time"
+touch "$STATE/heartbeat"
+
+# 1. Dead-man: power off when no agent has run for GRACE seconds, or after MAXLIFE.
+cat >"$R/opt/vmexec/deadman.sh" <<'DEADMAN'
+#!/bin/bash
+R="${{VMEXEC_ROOT:-}}"; STATE="$R/var/lib/vmexec"; LOG="$R/var/log/vmexec-boot.log"
+GRACE={grace}; MAXLIFE={max_lifetime}; INTERVAL="${{VMEXEC_DEADMAN_INTERVAL:-30}}"
+# The agent's command line, in a file: as a grep argument it would match grep itself.
+printf '%s\n' "$R/opt/vmexec/venv/bin/python -m vmexec.agent" >"$STATE/agent-pattern"
+echo $$ >"$STATE/deadman.pid"  # a harness stops the loop by this pid
+start=$(cat "$STATE/boot-time" 2>/dev/null || date +%s)
+agent_running() {{
+  for f in /proc/[0-9]*/cmdline; do
+    tr '\0' ' ' <"$f" 2>/dev/null | grep -qF -f "$STATE/agent-pattern" && return 0
+  done
+  return 1
+}}
+while true; do
+  now=$(date +%s)
+  if [ "$MAXLIFE" -gt 0 ] && [ $((now - start)) -ge "$MAXLIFE" ]; then
+    why="max_lifetime of ${{MAXLIFE}}s reached"; break
+  fi
+  if agent_running; then touch "$STATE/heartbeat"; fi
+  last=$(stat -c %Y "$STATE/heartbeat" 2>/dev/null || echo "$start")
+  if [ $((now - last)) -ge "$GRACE" ]; then
+    why="no vmexec agent for ${{GRACE}}s"; break
+  fi
+  sleep "$INTERVAL"
+done
+echo "[vmexec-deadman $(date -u +%Y-%m-%dT%H:%M:%SZ)] powering off: $why" >>"$LOG"
+printf '%s\n' "$why" >"$STATE/poweroff"
+eval "${{VMEXEC_POWEROFF:-shutdown -h now}}"
+DEADMAN
+chmod 755 "$R/opt/vmexec/deadman.sh"
+if [ -z "$R" ] && command -v systemd-run >/dev/null 2>&1; then
+  systemd-run --unit=vmexec-deadman --property=Restart=always "$R/opt/vmexec/deadman.sh" \
+    || fail "cannot start the dead-man timer (systemd-run)"
+else
+  nohup "$R/opt/vmexec/deadman.sh" >/dev/null 2>&1 &
+fi
+
+# 1b. Spot interruption notices: EC2 announces a reclaim two minutes ahead in the
+# instance metadata (IMDSv2); the agent reads the file this loop writes. A harness
+# (VMEXEC_ROOT set) writes the file itself unless it names a metadata URL.
+IMDS="${{VMEXEC_IMDS_URL:-}}"
+if [ -z "$IMDS" ] && [ -z "$R" ]; then IMDS="http://169.254.169.254"; fi
+if [ -n "$IMDS" ] && [ "$IMDS" != none ] && command -v curl >/dev/null 2>&1; then
+  cat >"$R/opt/vmexec/notice.sh" <<'NOTICE'
+#!/bin/bash
+IMDS="$1"; OUT="$2"
+while [ ! -e "$OUT" ]; do
+  token=$(curl -s -f -m 2 --noproxy '*' -X PUT "$IMDS/latest/api/token" \
+    -H "X-aws-ec2-metadata-token-ttl-seconds: 300")
+  if body=$(curl -s -f -m 2 --noproxy '*' -H "X-aws-ec2-metadata-token: $token" \
+      "$IMDS/latest/meta-data/spot/instance-action"); then
+    printf '%s\n' "$body" >"$OUT.tmp" && mv "$OUT.tmp" "$OUT"
+  fi
+  sleep 5
+done
+NOTICE
+  chmod 755 "$R/opt/vmexec/notice.sh"
+  nohup "$R/opt/vmexec/notice.sh" "$IMDS" "$R/{notice_file}" >/dev/null 2>&1 &
+fi
+
+# 2. SSH: the client's pinned host key and its login key.
+step "installing the fleet's SSH host key and client key"
+KEY="$R/etc/ssh/ssh_host_ed25519_key"
+(umask 077 && printf '%s\n' {host_private} >"$KEY") || fail "cannot write $KEY"
+printf '%s\n' {host_public} >"$KEY.pub"
+chmod 600 "$KEY"
+USER_NAME={login_user}
+HOME_DIR="${{VMEXEC_HOME:-$R/home/$USER_NAME}}"
+mkdir -p "$HOME_DIR/.ssh" && chmod 700 "$HOME_DIR/.ssh" || fail "cannot create $HOME_DIR/.ssh"
+printf '%s\n' {client_public} >>"$HOME_DIR/.ssh/authorized_keys" \
+  || fail "cannot write $HOME_DIR/.ssh/authorized_keys"
+chmod 600 "$HOME_DIR/.ssh/authorized_keys"
+if [ "$(id -u)" = 0 ] && id "$USER_NAME" >/dev/null 2>&1; then
+  chown -R "$USER_NAME" "$HOME_DIR/.ssh"
+fi
+if [ -n "${{VMEXEC_SSHD_RELOAD:-}}" ]; then
+  eval "$VMEXEC_SSHD_RELOAD" || fail "sshd reload failed: $VMEXEC_SSHD_RELOAD"
+else
+  systemctl restart sshd || systemctl restart ssh || fail "cannot restart sshd"
+fi
+
+# 3. Python {python}, as on the client (pickled code does not cross minor versions).
+PY=""
+if command -v python{python} >/dev/null 2>&1; then PY=$(command -v python{python}); fi
+if [ -z "$PY" ] && command -v dnf >/dev/null 2>&1; then
+  step "installing python{python} with dnf"
+  dnf install -y python{python} python{python}-pip && PY=$(command -v python{python})
+fi
+if [ -z "$PY" ] && command -v apt-get >/dev/null 2>&1; then
+  step "installing python{python} with apt-get"
+  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+    python{python} python{python}-venv && PY=$(command -v python{python})
+fi
+if [ -z "$PY" ]; then
+  step "installing Python {python} with uv"
+  export PATH="$HOME_DIR/.local/bin:/root/.local/bin:$PATH"
+  command -v uv >/dev/null 2>&1 || python3 -m pip install --user {pip_options} uv \
+    || (command -v curl >/dev/null 2>&1 && curl -LsSf https://astral.sh/uv/install.sh | sh)
+  uv python install {python} && PY=$(uv python find {python})
+fi
+[ -n "$PY" ] || fail "no Python {python} (tried python{python}, dnf, apt-get, uv): use an image that has it (ami=)"
+step "using $PY ($($PY --version 2>&1))"
+
+# 4. The environment.
+"$PY" -m venv "$VENV" || fail "cannot create the virtual environment $VENV with $PY"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check --no-input)
+step "installing vmexec and packages"
+"${{PIP[@]}}" install {pip_options} {requirements} \
+  || fail "pip install failed (see $LOG): check index_url=/find_links= and packages="
+"$VENV/bin/python" -c "import vmexec.agent, cloudpickle, psutil" \
+  || fail "the installed environment cannot import vmexec.agent"
+
+touch "$STATE/heartbeat" "$STATE/ready"
+step "ready in $(( $(date +%s) - $(cat "$STATE/boot-time") ))s"
+"""
+
+
+def render_userdata(spec: BootSpec) -> str:
+    """The boot script for ``spec`` (see the module docstring for what it does).
+
+    Args:
+        spec: what to install; its fields are shell-quoted into the script.
+
+    Returns:
+        The script text (bash), smaller than ``USERDATA_LIMIT``.
+
+    Raises:
+        ConfigError: the script would exceed 16 KB (too many packages or URLs).
+    """
+    exports = "\n".join(f"export {name}={_q(value)}" for name, value in spec.env.items())
+    pip_options: list[str] = []
+    if spec.index_url:
+        pip_options += ["--index-url", spec.index_url]
+    elif spec.find_links:
+        pip_options.append("--no-index")  # find_links alone: an offline install
+    for link in spec.find_links:
+        pip_options += ["--find-links", link]
+    vmexec_requirement = list(spec.wheel_urls) or [f"vmexec=={spec.vmexec_version}"]
+    requirements = [*vmexec_requirement, "cloudpickle", "psutil", *spec.packages]
+    script = _SCRIPT.format(
+        fleet=spec.fleet_id,
+        exports=exports or "# (no boot_env)",
+        grace=int(spec.heartbeat_grace),
+        max_lifetime=int(spec.max_lifetime),
+        host_private=_q(spec.host_private_key.strip()),
+        host_public=_q(spec.host_public_key.strip()),
+        client_public=_q(spec.client_public_key.strip()),
+        login_user=_q(spec.login_user),
+        python=spec.python,
+        notice_file=NOTICE_FILE,
+        pip_options=_words(pip_options),
+        requirements=_words(requirements),
+    )
+    size = len(script.encode("utf-8"))
+    if size >= USERDATA_LIMIT:
+        raise ConfigError(
+            f"the boot script is {size} bytes, over EC2's 16 KB user-data limit: pass fewer "
+            "packages= (e.g. one requirements file served by index_url=/find_links=) or "
+            "shorter boot_env=")
+    return script
+
+
+_ROOT = "${VMEXEC_ROOT:-}"
+
+
+def agent_command(root: str = _ROOT) -> str:
+    """The remote command that starts the agent from the machine's environment.
+
+    Args:
+        root: where the boot script put everything; by default the remote shell expands
+            ``$VMEXEC_ROOT`` (unset on a real machine, set by a harness's sshd).
+    """
+    return f"{root}/opt/vmexec/venv/bin/python -m vmexec.agent"
+
+
+def probe_command(wait_seconds: int, tail_bytes: int = 4000, root: str = _ROOT) -> str:
+    """A remote command that reports the boot's outcome, waiting up to ``wait_seconds``.
+
+    It prints ``READY`` and the machine's ``$VMEXEC_ROOT`` (empty on a real machine);
+    or ``FAILED`` followed by the reason and the end of the boot log; or, if the boot is
+    still running when the wait ends, ``WAITING`` and the end of the log. The client
+    reads the first line.
+    """
+    state = f"{root}/var/lib/vmexec"
+    log = f"{root}/var/log/vmexec-boot.log"
+    script = (
+        f'i=0; while [ "$i" -lt {int(wait_seconds)} ]; do '
+        f'if [ -e "{state}/ready" ]; then echo "{READY} {root}"; exit 0; fi; '
+        f'if [ -e "{state}/failed" ]; then echo {FAILED}; cat "{state}/failed"; '
+        f'echo "--- end of {log}:"; tail -c {int(tail_bytes)} "{log}" 2>/dev/null; exit 0; fi; '
+        f'sleep 1; i=$((i+1)); done; '
+        f'echo {WAITING}; tail -c {int(tail_bytes)} "{log}" 2>/dev/null; exit 0'
+    )
+    # The login shell may be any sh; the probe is POSIX sh.
+    return f"sh -c {_q(script)}"
