@@ -96,3 +96,7 @@ def chatter(lines: int, width: int = 100) -> int:
     for i in range(lines):
         print(i, payload)
     return lines
+
+
+def getenv(name: str) -> "str | None":
+    return os.environ.get(name)

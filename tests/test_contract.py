@@ -265,3 +265,24 @@ def test_callable_crosses_the_wire_once_per_machine(make_executor):
         [machine] = ex._scheduler.machines()
         assert len(machine.digests) == 1
 
+
+
+def test_cached_callables_are_bounded_per_machine(make_executor):
+    import functools
+
+    from vmexec import scheduler
+
+    with make_executor() as ex:
+        futures = [ex.submit(functools.partial(helpers.add, i), 1) for i in range(600)]
+        assert [f.result(timeout=120) for f in futures] == [i + 1 for i in range(600)]
+        [machine] = ex._scheduler.machines()
+        assert len(machine.digests) <= scheduler._MAX_CACHED_CALLABLES + 300  # window slack
+        assert ex.submit(helpers.add, 2, 2).result(timeout=60) == 4
+
+
+def test_workers_get_their_share_of_native_threads(make_executor):
+    import os
+
+    with make_executor(max_workers=2) as ex:
+        value = ex.submit(helpers.getenv, "OMP_NUM_THREADS").result(timeout=60)
+    assert value == str(max(1, (os.cpu_count() or 1) // 2))

@@ -82,6 +82,9 @@ class VMExecutor(Executor):
                 raise ConfigError(f"initializer/initargs cannot be pickled: {exc}") from exc
         self._scheduler = Scheduler(self._provider, config, initializer_bytes,
                                     poweroff=self._provider.poweroff_on_watchdog)
+        # Like ProcessPoolExecutor's attribute, which dask reads to size its queue.
+        self._max_workers: Optional[int] = max_workers or getattr(self._provider, "max_workers",
+                                                                  None)
         self._shutdown_lock = threading.Lock()
         self._shutdown_called = False
         # The scheduler must not keep the executor alive: if the executor is collected
@@ -89,6 +92,11 @@ class VMExecutor(Executor):
         weakref.finalize(self, self._scheduler.shutdown, False)
 
     # -- introspection ----------------------------------------------------------------
+    @property
+    def max_workers(self) -> Optional[int]:
+        """Task slots across the fleet (None: decided by the machines, e.g. SSH hosts' CPUs)."""
+        return self._max_workers
+
     @property
     def provider(self) -> Provider:
         """The provider instance that makes this executor's machines."""

@@ -56,6 +56,7 @@ class Msg:
     PING = 3  # (PING, client_monotonic)
     SHUTDOWN = 4  # (SHUTDOWN,)
     RELEASE = 5  # (RELEASE,): give back every task not yet handed to a worker
+    FORGET = 6  # (FORGET, digest): drop a cached callable no queued task uses any more
     # agent -> client
     RESULT = 10  # (RESULT, task_id, ok, payload_bytes, run_seconds)
     LOST = 11  # (LOST, task_id, reason)

@@ -65,11 +65,16 @@ logger = logging.getLogger("vmexec.scheduler")
 
 _READ_SIZE = 1 << 20
 _MAX_EXTRA_WINDOW = 4096
+# Callables cached per machine before the least recently sent unused ones are dropped:
+# submit(partial(f, big_array)) in a loop must not keep every array alive on the machine.
+_MAX_CACHED_CALLABLES = 256
 _HANDSHAKE_TIMEOUT = 60.0
 # How many consecutive launch/connect failures, with no machine alive, break the fleet.
 _MAX_CONSECUTIVE_FAILURES = 3
 
 _task_ids = itertools.count(1)
+# Set on reader threads: they must never write to a transport (see Scheduler.submit).
+_on_reader_thread = threading.local()
 
 
 class WorkItem:
@@ -102,7 +107,10 @@ class Machine:
         self.slots = slots
         self.label = record.label
         self.inflight: dict[int, WorkItem] = {}
-        self.digests: set[bytes] = set()
+        # Callables the agent holds (in the order they were sent), and how many tasks
+        # in flight use each: only an unused one may be forgotten.
+        self.digests: dict[bytes, None] = {}
+        self.digest_uses: collections.Counter[bytes] = collections.Counter()
         self.state = "ready"  # ready -> [draining ->] retiring -> closed, or -> lost
         self.last_heard = self.started = time.monotonic()
         self.idle_since: Optional[float] = self.started
@@ -180,8 +188,13 @@ class Scheduler:
                     target=self._dispatch_loop, name="vmexec-dispatcher", daemon=True)
                 self._dispatcher.start()
             # Fast path: when a machine has room, send from this thread instead of
-            # waking the dispatcher — one thread hop less on every submit().
-            to_flush = self._take_batches_locked()
+            # waking the dispatcher — one thread hop less on every submit(). Not from a
+            # reader thread (a done-callback that submits): a write there can wait for
+            # an agent that is itself waiting for this reader to drain its results.
+            if getattr(_on_reader_thread, "active", False):
+                to_flush = []
+            else:
+                to_flush = self._take_batches_locked()
             if self._pending:
                 self._wake.notify()
         for machine in to_flush:
@@ -295,12 +308,29 @@ class Scheduler:
             for item in items:
                 if item.digest not in machine.digests:
                     messages.append((Msg.FUNC, item.digest, item.fn_bytes))
-                    machine.digests.add(item.digest)
+                    machine.digests[item.digest] = None
+                machine.digest_uses[item.digest] += 1
                 messages.append((Msg.TASK, item.task_id, item.digest, item.call_bytes,
                                  item.chunked))
+            messages.extend(self._forget_unused_locked(machine))
             if self._enqueue_locked(machine, messages):
                 to_flush.append(machine)
         return to_flush
+
+    def _forget_unused_locked(self, machine: Machine) -> list[Any]:
+        """FORGET messages for the oldest cached callables no in-flight task uses."""
+        excess = len(machine.digests) - _MAX_CACHED_CALLABLES
+        if excess <= 0:
+            return []
+        forget = [d for d in machine.digests if not machine.digest_uses[d]][:excess]
+        for digest in forget:
+            del machine.digests[digest]
+            machine.digest_uses.pop(digest, None)
+        return [(Msg.FORGET, digest) for digest in forget]
+
+    def _left_machine_locked(self, machine: Machine, item: WorkItem) -> None:
+        """Bookkeeping when ``item`` is no longer in flight on ``machine``."""
+        machine.digest_uses[item.digest] -= 1
 
     def _enqueue_locked(self, machine: Machine, messages: list[Any]) -> bool:
         """Queue messages for ``machine``; True when the caller must ``_flush`` it.
@@ -574,6 +604,7 @@ class Scheduler:
 
     # -- reading results ------------------------------------------------------------
     def _read_loop(self, machine: Machine, reader: FrameReader) -> None:
+        _on_reader_thread.active = True
         reason = "the agent closed the connection"
         try:
             while True:
@@ -625,16 +656,20 @@ class Scheduler:
             for _, message in finished:
                 item = machine.inflight.pop(message[1], None)
                 if item is not None:
+                    self._left_machine_locked(machine, item)
                     resolved.append((item, message))
             failed = []
             for task_id, why in lost:
                 item = machine.inflight.pop(task_id, None)
                 if item is not None:
+                    self._left_machine_locked(machine, item)
                     error = self._requeue_or_fail_locked(item, f"worker on machine "
                                                               f"{machine.label}: {why}")
                     if error is not None:
                         failed.append((item, error))
-            if self._pending:
+            # After shutdown() the dispatcher waits for the last in-flight result to
+            # tear the fleet down: wake it, or it sleeps until the next heartbeat.
+            if self._pending or self._shutdown:
                 self._wake.notify()
         for item, message in resolved:
             self._resolve(machine, item, message)
@@ -666,6 +701,9 @@ class Scheduler:
     def _on_released(self, machine: Machine, task_ids: list[int]) -> None:
         with self._lock:
             items = [machine.inflight.pop(task_id, None) for task_id in task_ids]
+            for item in items:
+                if item is not None:
+                    self._left_machine_locked(machine, item)
             # Never started: back to the front of the queue, no attempt counted.
             for item in reversed([i for i in items if i is not None]):
                 self._pending.appendleft(item)

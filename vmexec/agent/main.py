@@ -232,6 +232,7 @@ class Agent:
                             pass
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                _limit_native_threads(self.slots)
                 # The agent pointed sys.stdout at stderr; the worker's print() must go
                 # to its own stdout pipe.
                 sys.stdout = sys.__stdout__ = os.fdopen(1, "w", buffering=1)
@@ -485,6 +486,15 @@ class Agent:
                     self.queue.append(message[1:])
                 elif kind == Msg.FUNC:
                     self.funcs[message[1]] = message[2]
+                elif kind == Msg.FORGET:
+                    # The client only forgets callables no queued task uses.
+                    digest = message[1]
+                    self.funcs.pop(digest, None)
+                    for worker in self.workers.values():
+                        if worker.alive and digest in worker.digests:
+                            worker.digests.discard(digest)
+                            worker.write_buf += encode_frame([(Msg.FORGET, digest)])
+                            self._flush_worker(worker)
                 elif kind == Msg.PING:
                     self.outbox.append((Msg.PONG, message[1]))
                 elif kind == Msg.SHUTDOWN:
@@ -518,6 +528,9 @@ class Agent:
         if not self.handshake():
             return 2
         self._on_client_frames(self._early_frames)  # sent right behind the handshake
+        # Tasks that came with the handshake must start now, not after the first
+        # poll() times out (up to heartbeat_interval later).
+        self._dispatch()
         os.set_blocking(self.stdin_fd, False)
         self.poller.register(self.stdin_fd, False, ("client", None))
         exit_code = 0
@@ -589,6 +602,21 @@ class Agent:
                     os.waitpid(worker.pid, 0)
                 except (ProcessLookupError, ChildProcessError):
                     pass
+
+
+_THREAD_LIMIT_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                           "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def _limit_native_threads(slots: int) -> None:
+    """Give each worker its share of the cores for BLAS/OpenMP thread pools.
+
+    Without this every worker's numpy starts one thread per core and a machine with
+    N slots runs N×N threads. The user's own settings win.
+    """
+    share = str(max(1, (os.cpu_count() or 1) // max(1, slots)))
+    for name in _THREAD_LIMIT_VARIABLES:
+        os.environ.setdefault(name, share)
 
 
 def _missing_function() -> bytes:

@@ -134,6 +134,9 @@ def run_worker(
             if kind == Msg.FUNC:
                 funcs[message[1]] = message[2]
                 continue
+            if kind == Msg.FORGET:
+                funcs.pop(message[1], None)
+                continue
             if kind != Msg.TASK:
                 continue
             _, task_id, digest, args_bytes, chunked = message
