@@ -24,10 +24,13 @@ from vmexec.errors import (
     WorkerLost,
 )
 from vmexec.executor import VMExecutor
+from vmexec.compare import Comparison, compare
 
 __all__ = [
     "__version__",
     "VMExecutor",
+    "compare",
+    "Comparison",
     "VMExecError",
     "ConfigError",
     "ProviderNotAvailable",
