@@ -241,3 +241,17 @@ def test_local_provider_runs_cloud_scripts_unchanged(caplog):
                     regions=["us-east-1", "us-west-2"], spot=True) as ex:
         assert ex.submit(helpers.add, 1, 2).result(timeout=60) == 3
     assert "ignores the cloud option(s) instance_type, regions, spot" in caplog.text
+
+
+def test_environment_skew_between_client_and_machine_is_refused(tmp_path, monkeypatch):
+    """The machine reports the environment it installed; a different one is refused."""
+    root = tmp_path / "machine-root"
+    (root / "opt" / "vmexec").mkdir(parents=True)
+    (root / "opt" / "vmexec" / "env-hash").write_text("aaaa1111 1700000000\n")
+    monkeypatch.setenv("VMEXEC_ROOT", str(root))  # the local agent inherits it
+    ex = VMExecutor(1, provider="local")
+    ex.provider.agent_options = lambda record: {"environment_hash": "bbbb2222 1700000500"}
+    with ex:
+        with pytest.raises(BrokenFleet, match="STALE") as info:
+            ex.submit(helpers.add, 1).result(timeout=60)
+    assert type(info.value.__cause__).__name__ == "EnvSyncError"

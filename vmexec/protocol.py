@@ -128,6 +128,22 @@ def decode(payload: bytes) -> Any:
         raise ProtocolError(f"undecodable frame ({len(payload)} bytes): {exc!r}") from exc
 
 
+# Where vmexec.environment's install script records the environment it installed
+# (vmexec.environment.spec.ENV_HASH_FILE; read here without importing that package).
+_ENV_HASH_FILE = "opt/vmexec/env-hash"
+
+
+def _environment_hash() -> Any:
+    import os
+
+    path = os.path.join(os.environ.get("VMEXEC_ROOT", "") or "/", _ENV_HASH_FILE)
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip() or None
+    except OSError:  # no synced environment on this machine (environment=None)
+        return None
+
+
 def local_info(slots_hint: int | None = None) -> dict[str, Any]:
     """What this end says about itself in the handshake."""
     import os
@@ -143,6 +159,7 @@ def local_info(slots_hint: int | None = None) -> dict[str, Any]:
         "pid": os.getpid(),
         "cpu_count": os.cpu_count() or 1,
         "executable": sys.executable,
+        "environment_hash": _environment_hash(),
     }
 
 

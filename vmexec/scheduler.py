@@ -47,8 +47,10 @@ from typing import Any, Deque, Optional
 
 from vmexec import protocol
 from vmexec.config import SchedulerConfig
+from vmexec.environment.spec import check_skew
 from vmexec.errors import (
     BrokenFleet,
+    EnvSyncError,
     RemoteTraceback,
     TransportError,
     VersionMismatch,
@@ -489,7 +491,7 @@ class Scheduler:
                 self._booting_slots -= max(1, record.slots)
                 self._provider_exhausted = False if self._provider.can_replace() else \
                     self._provider_exhausted
-            if isinstance(exc, VersionMismatch):
+            if isinstance(exc, (VersionMismatch, EnvSyncError)):
                 self._break(BrokenFleet(f"machine {record.label} refused: {exc}"), exc)
                 return
             logger.warning("machine %s could not be used: %s", record.label, exc)
@@ -556,6 +558,10 @@ class Scheduler:
             # The agent says nothing more until it has our hello: no frames left behind.
             hello = decode(frames[0])
             protocol.check_compatible(self._local_info, hello, where=f"machine {record.label}")
+            agent_options = self._provider.agent_options(record)
+            # The machine's installed environment must be the one this client synced.
+            check_skew(agent_options.get("environment_hash"), hello.get("environment_hash"),
+                       machine=f"machine {record.label}")
             slots = record.slots or int(hello.get("cpu_count", 1))
             with self._lock:
                 if self._max_workers is not None:
@@ -572,7 +578,7 @@ class Scheduler:
                 "watchdog_timeout": self._config.watchdog_timeout,
                 "poweroff": self._poweroff,
                 "output_limit": self._config.output_limit,
-                **self._provider.agent_options(record),
+                **agent_options,
             }))
             return hello, reader
         finally:

@@ -201,6 +201,9 @@ class Agent:
             list(poweroff) if poweroff else None)
         self.output_limit = int(hello.get("output_limit", self.output_limit))
         self.notice_file = hello.get("notice_file")
+        # The user's env=/forward_env= variables: set before any worker is forked, so
+        # every task sees them (they came over this connection, never via user-data).
+        os.environ.update({str(k): str(v) for k, v in (hello.get("env") or {}).items()})
         self._out_tokens = float(self.output_limit)
         return True
 

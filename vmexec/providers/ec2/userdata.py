@@ -157,6 +157,9 @@ class BootSpec:
         max_lifetime: seconds after boot at which it powers off anyway (0: never).
         env: extra ``export`` lines at the top (the harness's settings, mirrors' tokens
             are NOT meant for this: user-data is readable on the machine).
+        environment_script: bash from ``vmexec.environment`` (``install_script`` or
+            ``bootstrap_script``) that replaces step 4's pip install: a uv venv with the
+            client's environment; ``wheel_urls``/``packages`` are then unused.
     """
 
     fleet_id: str
@@ -173,6 +176,7 @@ class BootSpec:
     heartbeat_grace: int = 1800
     max_lifetime: int = 0
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    environment_script: str = ""
 
     def __post_init__(self) -> None:
         for name in self.env:
@@ -319,17 +323,23 @@ fi
 step "using $PY ($($PY --version 2>&1))"
 
 # 4. The environment.
-"$PY" -m venv "$VENV" || fail "cannot create the virtual environment $VENV with $PY"
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check --no-input)
-step "installing vmexec and packages"
-"${{PIP[@]}}" install {pip_options} {requirements} \
-  || fail "pip install failed (see $LOG): check index_url=/find_links= and packages="
-"$VENV/bin/python" -c "import vmexec.agent, cloudpickle, psutil" \
-  || fail "the installed environment cannot import vmexec.agent"
+{environment_step}
 
 touch "$STATE/heartbeat" "$STATE/ready"
 step "ready in $(( $(date +%s) - $(cat "$STATE/boot-time") ))s"
 """
+
+
+# Step 4 without environment sync (environment=None): the image's Python, pip.
+_PIP_STEP = "\n".join([
+    '"$PY" -m venv "$VENV" || fail "cannot create the virtual environment $VENV with $PY"',
+    'PIP=("$VENV/bin/python" -m pip --disable-pip-version-check --no-input)',
+    'step "installing vmexec and packages"',
+    '"${{PIP[@]}}" install {pip_options} {requirements} \\',
+    '  || fail "pip install failed (see $LOG): check index_url=/find_links= and packages="',
+    '"$VENV/bin/python" -c "import vmexec.agent, cloudpickle, psutil" \\',
+    '  || fail "the installed environment cannot import vmexec.agent"',
+])
 
 
 def render_userdata(spec: BootSpec) -> str:
@@ -354,6 +364,13 @@ def render_userdata(spec: BootSpec) -> str:
         pip_options += ["--find-links", link]
     vmexec_requirement = list(spec.wheel_urls) or [f"vmexec=={spec.vmexec_version}"]
     requirements = [*vmexec_requirement, "cloudpickle", "psutil", *spec.packages]
+    if spec.environment_script:
+        # vmexec.environment's install script (or the bootstrap that fetches it): uv,
+        # the client's locked requirements and wheels, env-hash for the skew guard.
+        environment_step = f'step "installing the environment"\n{spec.environment_script}'
+    else:
+        environment_step = _PIP_STEP.format(pip_options=_words(pip_options),
+                                            requirements=_words(requirements))
     script = _SCRIPT.format(
         fleet=spec.fleet_id,
         exports=exports or "# (no boot_env)",
@@ -366,7 +383,7 @@ def render_userdata(spec: BootSpec) -> str:
         python=spec.python,
         notice_file=NOTICE_FILE,
         pip_options=_words(pip_options),
-        requirements=_words(requirements),
+        environment_step=environment_step,
     )
     size = len(script.encode("utf-8"))
     if size >= USERDATA_LIMIT:
