@@ -25,6 +25,7 @@ import cloudpickle
 from vmexec import pickling
 from vmexec.config import SchedulerConfig, provider_from_environment
 from vmexec.errors import ConfigError
+from vmexec.guardrails.costs import CostGuard
 from vmexec.providers import get_provider_class
 from vmexec.providers.base import MachineRecord, Provider
 from vmexec.scheduler import Scheduler, WorkItem
@@ -50,9 +51,13 @@ class VMExecutor(Executor):
         max_tasks_per_child: worker processes are replaced after this many tasks.
         max_retries: how often a task whose worker process or machine died is retried.
         **provider_options: options of the chosen provider (e.g. ``machines=`` for local,
-            ``hosts=`` for ssh), and the timing options of ``SchedulerConfig``
-            (``heartbeat_interval``, ``heartbeat_timeout``, ``watchdog_timeout``,
-            ``boot_timeout``).
+            ``hosts=`` for ssh, ``instance_type=``/``regions=`` for ec2), the options of
+            ``SchedulerConfig`` (``keepalive``, ``max_lifetime``, ``progress``,
+            ``output_limit``, ``heartbeat_interval``, ``heartbeat_timeout``,
+            ``watchdog_timeout``, ``boot_timeout``), and the cost guardrails:
+            ``max_hourly_cost`` (USD/h; a plan above it is refused before launch),
+            ``budget`` (USD; the fleet stops when its running cost reaches it) and
+            ``dry_run`` (show the plan, launch nothing).
 
     Raises:
         ValueError: (``ConfigError``) for an invalid argument, before anything starts.
@@ -64,6 +69,9 @@ class VMExecutor(Executor):
                  **provider_options: Any) -> None:
         config = SchedulerConfig.pop_from(max_workers, max_retries, max_tasks_per_child,
                                           provider_options)
+        max_hourly_cost = provider_options.pop("max_hourly_cost", None)
+        budget = provider_options.pop("budget", None)
+        self._dry_run = bool(provider_options.pop("dry_run", False))
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         name = provider_from_environment(provider)
@@ -80,8 +88,13 @@ class VMExecutor(Executor):
                 initializer_bytes = cloudpickle.dumps((initializer, tuple(initargs)))
             except Exception as exc:
                 raise ConfigError(f"initializer/initargs cannot be pickled: {exc}") from exc
+        # Priced and checked before anything is launched: a plan over max_hourly_cost
+        # raises BudgetExceeded here, with the largest max_workers that fits.
+        self._cost = CostGuard(self._provider, max_workers, max_hourly_cost=max_hourly_cost,
+                               budget=budget, check_leftovers=not self._dry_run)
         self._scheduler = Scheduler(self._provider, config, initializer_bytes,
-                                    poweroff=self._provider.poweroff_on_watchdog)
+                                    poweroff=self._provider.poweroff_on_watchdog,
+                                    cost=self._cost)
         # Like ProcessPoolExecutor's attribute, which dask reads to size its queue.
         self._max_workers: Optional[int] = max_workers or getattr(self._provider, "max_workers",
                                                                   None)
@@ -101,6 +114,22 @@ class VMExecutor(Executor):
     def provider(self) -> Provider:
         """The provider instance that makes this executor's machines."""
         return self._provider
+
+    @property
+    def plan(self) -> str:
+        """The fleet at full scale: regions, types, architectures, machines, slots, $/h."""
+        if self._cost.plan_cost is not None:
+            return self._cost.plan_cost.text()
+        plan = getattr(self._provider, "plan", None)
+        if plan is not None:
+            return str(plan.text())
+        return (f"provider {self._provider.name!r}: up to {self._max_workers or 'one per CPU'} "
+                "slots on machines you already have ($0)")
+
+    @property
+    def cost(self) -> float:
+        """The running cost estimate of this executor's machines, in US dollars."""
+        return self._cost.total
 
     @property
     def fleet(self) -> list[MachineRecord]:
@@ -199,6 +228,9 @@ class VMExecutor(Executor):
         self._scheduler.shutdown(wait=wait, cancel_futures=cancel_futures)
 
     def _check_open(self) -> None:
+        if self._dry_run:
+            raise ConfigError("this executor was made with dry_run=True: it shows the plan "
+                              "(ex.plan) and launches nothing. Drop dry_run= to run tasks")
         broken = self._scheduler.broken
         if broken is not None:
             error = type(broken)(str(broken))

@@ -19,8 +19,13 @@ worker_logger = logging.getLogger("vmexec.worker")
 class _UnconfiguredFallback(logging.Handler):
     """Writes records to stderr only while no other handler would receive them."""
 
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self._logger = logger
+        self.setFormatter(logging.Formatter("%(message)s"))
+
     def emit(self, record: logging.LogRecord) -> None:
-        if _configured():
+        if _configured(self._logger):
             return
         try:
             sys.stderr.write(self.format(record) + "\n")
@@ -28,27 +33,35 @@ class _UnconfiguredFallback(logging.Handler):
             pass
 
 
-def _configured() -> bool:
-    logger: logging.Logger | None = worker_logger
+def _configured(logger: "logging.Logger | None") -> bool:
     while logger is not None:
         if any(not isinstance(h, (_UnconfiguredFallback, logging.NullHandler))
                for h in logger.handlers):
             return True
         if not logger.propagate:
             return False
-        logger = logger.parent
+        logger = logger.parent  # type: ignore[assignment]
     return False
 
 
-_fallback = _UnconfiguredFallback()
-_fallback.setFormatter(logging.Formatter("%(message)s"))
-worker_logger.addHandler(_fallback)
+def _install_fallback(name: str, level: int) -> logging.Logger:
+    logger = logging.getLogger(name)
+    logger.addHandler(_UnconfiguredFallback(logger))
+    if logger.level == logging.NOTSET:
+        logger.setLevel(level)  # so INFO records are created while nothing is configured
+    return logger
+
+
+# Worker output, and the cost lines (the plan's price, the receipt), are for the user's
+# eyes: visible even in a script that never configured logging.
+_install_fallback("vmexec.worker", logging.NOTSET)
+_install_fallback("vmexec.cost", logging.INFO)
 logging.getLogger("vmexec").addHandler(logging.NullHandler())
 
 
 def emit_remote(machine: str, pid: int, stream: str, level: int, name: str, text: str) -> None:
     """Re-emit one forwarded output chunk or log record from ``machine``."""
-    if not worker_logger.isEnabledFor(level) and _configured():
+    if not worker_logger.isEnabledFor(level) and _configured(worker_logger):
         return
     prefix = f"[{machine} pid {pid}]"
     if stream == "log":

@@ -54,8 +54,10 @@ from vmexec.errors import (
     RemoteTraceback,
     TransportError,
     VersionMismatch,
+    VMExecError,
     WorkerLost,
 )
+from vmexec.guardrails.costs import CostGuard
 from vmexec.guardrails.logs import OutputGuard
 from vmexec.logs import emit_remote
 from vmexec.progress import Progress
@@ -64,6 +66,7 @@ from vmexec.providers.base import MachineRecord, Provider
 from vmexec.transports.base import Transport
 
 logger = logging.getLogger("vmexec.scheduler")
+cost_logger = logging.getLogger("vmexec.cost")
 
 _READ_SIZE = 1 << 20
 _MAX_EXTRA_WINDOW = 4096
@@ -139,11 +142,13 @@ class Scheduler:
     """Runs work items on the provider's machines. Thread-safe; one per executor."""
 
     def __init__(self, provider: Provider, config: SchedulerConfig,
-                 initializer: Optional[bytes], poweroff: bool = False) -> None:
+                 initializer: Optional[bytes], poweroff: bool = False,
+                 cost: Optional[CostGuard] = None) -> None:
         self._provider = provider
         self._config = config
         self._initializer = initializer
         self._poweroff = poweroff
+        self.cost = cost
         self._local_info = protocol.local_info()
         # One lock for all scheduler state; held only for bookkeeping, never for I/O.
         self._lock = threading.Lock()
@@ -161,19 +166,20 @@ class Scheduler:
         self._consecutive_failures = 0
         self._last_failure: Optional[BaseException] = None
         self._shutdown = False
-        self._broken: Optional[BrokenFleet] = None
+        self._broken: Optional[VMExecError] = None
         self._closed = threading.Event()  # teardown started
         self.torn_down = threading.Event()  # teardown finished: machines are gone
         self._dispatcher: Optional[threading.Thread] = None
         self._launching = False
         self._max_workers = config.max_workers
         self.output_guard = OutputGuard()
+        self._records: list[MachineRecord] = []  # every machine ever launched
         self.progress = Progress(config.progress)
         _live_schedulers.add(self)
 
     # -- public API (called by the executor) ----------------------------------------
     @property
-    def broken(self) -> Optional[BrokenFleet]:
+    def broken(self) -> Optional[VMExecError]:
         return self._broken
 
     def submit(self, items: list[WorkItem]) -> None:
@@ -367,6 +373,11 @@ class Scheduler:
                 return
 
     def _heartbeat(self, now: float) -> None:
+        if self.cost is not None:
+            over = self.cost.over_budget()
+            if over is not None:
+                self._break(over)
+                return
         self._scale_in(now)
         for machine in self.machines():
             if machine.state not in ("ready", "draining"):
@@ -462,6 +473,10 @@ class Scheduler:
                 self._launching = False
             self._record_failure(exc)
             return
+        self._records.extend(records)
+        if self.cost is not None:
+            for record in records:
+                self.cost.started(record)  # billing starts with the launch call
         with self._lock:
             self._launching = False
             if not records:
@@ -486,6 +501,8 @@ class Scheduler:
             if transport is not None:
                 transport.close()
             self._provider.terminate([record])
+            if self.cost is not None:
+                self.cost.stopped(record)
             with self._lock:
                 self._connecting.pop(record.id, None)
                 self._booting_slots -= max(1, record.slots)
@@ -583,6 +600,13 @@ class Scheduler:
             return hello, reader
         finally:
             timer.cancel()
+
+    @property
+    def _ever_launched(self) -> bool:
+        return bool(self._records)
+
+    def _launched_records(self) -> list[MachineRecord]:
+        return list(self._records)
 
     def _record_failure(self, exc: BaseException) -> None:
         with self._lock:
@@ -785,6 +809,8 @@ class Scheduler:
             machine.transport.close()
         finally:
             self._provider.terminate([machine.record])
+            if self.cost is not None:
+                self.cost.stopped(machine.record)
             # Only now is the machine's capacity free at the provider: ask again.
             with self._lock:
                 self._closing.discard(machine)
@@ -792,13 +818,17 @@ class Scheduler:
                     self._provider_exhausted = False
                 self._wake.notify()
 
-    def _broken_error(self) -> BrokenFleet:
+    def _broken_error(self) -> VMExecError:
         assert self._broken is not None
-        error = BrokenFleet(str(self._broken))
+        error = type(self._broken)(str(self._broken))
         error.__cause__ = self._broken.__cause__
         return error
 
-    def _break(self, error: BrokenFleet, cause: Optional[BaseException] = None) -> None:
+    def _break(self, error: VMExecError, cause: Optional[BaseException] = None) -> None:
+        """Terminal: fail every queued and running future with ``error``; tear down.
+
+        ``error`` is a ``BrokenFleet``, or a ``BudgetExceeded`` when the budget ran out.
+        """
         with self._lock:
             if self._broken is not None:
                 return
@@ -843,6 +873,11 @@ class Scheduler:
             logger.exception("terminating the fleet failed; run `vmexec cleanup` to remove "
                              "what is left")
         finally:
+            if self.cost is not None:
+                for record in self._launched_records():
+                    self.cost.stopped(record)
+                if self._ever_launched:
+                    cost_logger.info("%s", self.cost.receipt(self._provider))
             _live_schedulers.discard(self)
             self.torn_down.set()
 
