@@ -64,7 +64,11 @@ class CostGuard:
             logger.info("plan at full scale (max_workers=%s):\n%s", max_workers,
                         self.plan_cost.text())
             if max_hourly_cost is not None:
-                check_max_hourly_cost(self.plan_cost, max_hourly_cost, max_workers or 0)
+                # A spot fleet falls back to on-demand where spot is short, so the limit
+                # is checked against that worst case: the bill can never pass it.
+                worst = (estimate(plan, prices, spot=False)
+                         if getattr(provider, "spot", False) else self.plan_cost)
+                check_max_hourly_cost(worst, max_hourly_cost, max_workers or 0)
         elif max_hourly_cost is not None or budget is not None:
             logger.info("provider %r runs on machines that cost vmexec's estimate nothing: "
                         "max_hourly_cost/budget are trivially met", getattr(provider, "name", "?"))

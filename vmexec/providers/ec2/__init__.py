@@ -3,8 +3,9 @@
 ``EC2Provider`` ties the pieces of this package together::
 
     __init__   validate options -> DescribeRegions -> per region (parallel): instance
-               types, zones, default subnets, images -> Plan  (ConfigError before any
-               resource exists; nothing is created here)
+               types, zones, default subnets, images -> Plan, priced by ``self.prices``
+               (a guardrails PriceBook)  (ConfigError before any resource exists;
+               nothing is created here)
     launch     per region, once: security group + launch template (resources.py)
                -> Launcher: batched CreateFleet calls with capacity fallback (fleet.py)
     connect    wait for "running" (one batched poll per region) -> SSH with the fleet's
@@ -62,6 +63,7 @@ from botocore.exceptions import ClientError, InvalidRegionError
 
 from vmexec import retry
 from vmexec.errors import CapacityError, ConfigError, QuotaError, TransportError
+from vmexec.guardrails.pricing import PriceBook
 from vmexec.providers.base import MachineRecord, Provider
 from vmexec.providers.ec2 import resources
 from vmexec.providers.ec2.errors import throttled
@@ -325,6 +327,9 @@ class EC2Provider(Provider):
         elif not hasattr(session, "client"):
             raise ConfigError(f"session must be a boto3.Session, not {session!r}")
         self.session = session
+        #: Prices for the plan's $/h and the cost receipt (live where the account
+        #: allows, else the bundled table; see ``vmexec.guardrails.pricing``).
+        self.prices = PriceBook(session=session, endpoint_url=endpoint_url)
         if session.get_credentials() is None:
             raise ConfigError(
                 "no AWS credentials found: configure them (`aws configure`, AWS_PROFILE, "
@@ -366,6 +371,7 @@ class EC2Provider(Provider):
             self._images_for)
         for region, images in self.images.items():
             check_root_volume(images, self.root_volume_gb, region)
+        self._price_plan()
         log.info("fleet %s plan:\n%s", self.fleet_id, self.plan.text())
 
         # -- state -----------------------------------------------------------------------
@@ -408,6 +414,22 @@ class EC2Provider(Provider):
             return {self.regions[0]: fn(self.regions[0])}
         with ThreadPoolExecutor(len(self.regions), "vmexec-ec2-describe") as pool:
             return dict(zip(self.regions, pool.map(fn, self.regions)))
+
+    def _price_plan(self) -> None:
+        """Fill the plan's $/h from ``self.prices``: every line, regions in parallel."""
+        def region_prices(region: str) -> dict[tuple[str, str], Any]:
+            found: dict[tuple[str, str], Any] = {}
+            for line in self.plan.lines:
+                if line.region == region:
+                    price = self.prices.hourly(line.instance_type, region, spot=self.spot)
+                    found[line.key] = None if price is None else \
+                        (price.usd_per_hour, price.source)
+            return found
+
+        prices: dict[tuple[str, str], Any] = {}
+        for part in self._per_region(region_prices).values():
+            prices.update(part)
+        self.plan.set_prices(prices)
 
     def _images_for(self, region: str) -> dict[tuple[str, bool], ImageInfo]:
         wanted = {(line.arch, line.gpus > 0) for line in self.plan.lines

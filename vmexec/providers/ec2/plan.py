@@ -15,8 +15,9 @@ which zones have a default subnet. From them:
 * ``allocate`` picks the machines for one ``launch(slots)`` call: the fleet grows with
   demand, in the same even order, up to the plan.
 
-Prices are not known here: ``PlanLine.hourly_cost`` stays None until the guardrails'
-pricing fills it.
+Prices are not looked up here: ``Plan.set_prices`` takes the per-machine hourly prices the
+guardrails' ``PriceBook`` gave (the provider looks them up) and fills ``PlanLine.hourly_cost``
+(the whole line's $/h); a line whose price is unknown keeps None and ``Plan.text`` says so.
 
 Imports only the standard library and ``vmexec.errors``: no boto3 (facts come in as data).
 """
@@ -128,7 +129,11 @@ class PlanLine:
     slots_per_machine: int
     machines: int
     zones: tuple[str, ...]
+    #: The whole line's USD per hour (machines x price); None: unknown or not priced yet.
     hourly_cost: Optional[float] = None
+    #: USD per hour of one machine of this line, and where the figure came from.
+    machine_price: Optional[float] = None
+    price_source: str = ""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -150,6 +155,8 @@ class Plan:
     max_workers: int
     spot: bool
     lines: list[PlanLine]
+    #: Whether ``set_prices`` ran (then a line without a price is "unknown", not "-").
+    priced: bool = False
 
     @property
     def total_machines(self) -> int:
@@ -171,6 +178,29 @@ class Plan:
             return None
         return float(sum(c for c in costs if c is not None))
 
+    @property
+    def unknown_prices(self) -> list[str]:
+        """``"<type> in <region>"`` for each line with machines whose price is unknown."""
+        return [f"{line.instance_type} in {line.region}" for line in self.lines
+                if line.machines and line.hourly_cost is None]
+
+    def set_prices(self, prices: Mapping[tuple[str, str], Optional[tuple[float, str]]]) -> None:
+        """Fill ``hourly_cost`` of every line from per-machine prices.
+
+        Args:
+            prices: ``(region, instance_type)`` -> ``(USD per machine-hour, source)``, or
+                None (or missing) when the price is unknown.
+        """
+        self.priced = True
+        for line in self.lines:
+            found = prices.get(line.key)
+            if found is None:
+                line.hourly_cost = line.machine_price = None
+                line.price_source = ""
+                continue
+            line.machine_price, line.price_source = float(found[0]), found[1]
+            line.hourly_cost = line.machine_price * line.machines
+
     def line(self, region: str, instance_type: str) -> PlanLine:
         """The line for ``(region, instance_type)``.
 
@@ -183,26 +213,54 @@ class Plan:
         raise KeyError((region, instance_type))
 
     def text(self) -> str:
-        """A table for logs and for the user, one row per line."""
+        """A table for logs and for the user, one row per line, with its $/h."""
         purchase = "spot first, on-demand where spot is short" if self.spot else "on-demand"
         cost = self.hourly_cost
+        unknown = self.unknown_prices
+        if cost is not None:
+            price = f", about {_usd(cost)}/h"
+        elif unknown and any(line.hourly_cost is not None for line in self.lines):
+            known = sum(line.hourly_cost or 0.0 for line in self.lines if line.machines)
+            price = f", about {_usd(known)}/h plus unknown prices"
+        else:
+            price = ""
         header = (f"vmexec plan: {self.total_machines} machine(s), {self.total_slots} slots "
                   f"for max_workers={self.max_workers} in {len(self.regions)} region(s), "
-                  f"{purchase}" + (f", about ${cost:.2f}/h" if cost is not None else ""))
+                  f"{purchase}{price}")
         rows = [("region", "type", "arch", "vCPUs", "GiB", "GPUs", "slots/machine",
-                 "machines", "slots", "$/h", "zones")]
+                 "machines", "slots", "$/machine-h", "$/h", "zones")]
+        priced = self.priced
         for line in self.lines:
+            unknown_here = priced and line.machine_price is None
             rows.append((
                 line.region, line.instance_type, line.arch, str(line.vcpus),
                 f"{line.memory_mib / 1024:g}", str(line.gpus), str(line.slots_per_machine),
                 str(line.machines), str(line.slots),
-                "-" if line.hourly_cost is None else f"{line.hourly_cost:.2f}",
+                "unknown" if unknown_here else
+                "-" if line.machine_price is None else _usd(line.machine_price),
+                "unknown" if unknown_here else
+                "-" if line.hourly_cost is None else _usd(line.hourly_cost),
                 ",".join(_short_zones(line.region, line.zones)),
             ))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         body = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
                 for row in rows]
-        return "\n".join([header, *("  " + row for row in body)])
+        notes = []
+        if priced and unknown:
+            notes.append(f"price unknown for {', '.join(unknown)}: vmexec does not guess "
+                         "(`vmexec prices TYPE --regions REGION`)")
+        sources = sorted({line.price_source for line in self.lines if line.price_source})
+        if sources:
+            notes.append(f"prices: {'; '.join(sources)}")
+        return "\n".join([header, *("  " + row for row in body), *("  " + n for n in notes)])
+
+
+def _usd(value: float) -> str:
+    # Cents from a dollar up; below it, up to five decimals (c7i.large is $0.08925/h).
+    if value >= 1 or value == 0:
+        return f"${value:,.2f}"
+    text = f"{value:.5f}".rstrip("0")
+    return "$" + (text + "0" if len(text.split(".")[1]) < 2 else text)
 
 
 def _short_zones(region: str, zones: Sequence[str]) -> list[str]:
