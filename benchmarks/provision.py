@@ -59,7 +59,7 @@ def scenario_vmexec(url: str, slots: int, regions: list[str]) -> dict[str, Any]:
     start = time.perf_counter()
     provider = EC2Provider(slots, instance_type=TYPES, regions=regions,
                            ssh_cidr="203.0.113.7/32", endpoint_url=url, session=session,
-                           handle_signals=False)
+                           handle_signals=False, environment=None)
     phases["plan"] = time.perf_counter() - start
     mark = time.perf_counter()
     records = provider.launch(slots)

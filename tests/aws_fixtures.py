@@ -110,7 +110,10 @@ def make_provider(session: boto3.Session, faults: FaultInjector, calls: ApiCallC
     def make(max_workers: int = 8, **options: Any) -> EC2Provider:
         settings: dict[str, Any] = dict(instance_type=MIXED, regions=REGIONS,
                                         ssh_cidr=TEST_CIDR, session=session,
-                                        handle_signals=False)
+                                        handle_signals=False,
+                                        # the image has what it needs: these tests are
+                                        # about the control plane, not environment sync
+                                        environment=None)
         settings.update(options)
         provider = EC2Provider(max_workers, **settings)
         created.append(provider)

@@ -36,7 +36,7 @@ KILLED_CLIENT = textwrap.dedent("""
     provider = EC2Provider(8, instance_type=["c7g.large", "c7i.large"],
                            regions=["us-east-1", "us-west-2"], ssh_cidr="203.0.113.7/32",
                            endpoint_url=sys.argv[1], name=sys.argv[2],
-                           session=boto3.Session(region_name="us-east-1"))
+                           session=boto3.Session(region_name="us-east-1"), environment=None)
     provider.launch(8)
     print(provider.fleet_id, flush=True)
     time.sleep(600)

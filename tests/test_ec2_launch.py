@@ -459,7 +459,7 @@ def test_executor_runs_tasks_on_ec2_machines(session: boto3.Session, tmp_path: P
     ex = VMExecutor(4, provider="ec2", instance_type=MIXED, regions="us-east-1",
                     ssh_cidr=TEST_CIDR, session=session, handle_signals=False,
                     address_for=lambda record: target["address"],
-                    ssh_user=getpass.getuser(), heartbeat_interval=0.5)
+                    ssh_user=getpass.getuser(), heartbeat_interval=0.5, environment=None)
     try:
         with machine(tmp_path, ex.provider) as server:  # type: ignore[arg-type]
             target["address"] = (server.host, server.port)

@@ -209,7 +209,8 @@ def test_missing_credentials(moto: None, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     monkeypatch.delenv("AWS_SESSION_TOKEN")
     with pytest.raises(ConfigError, match="no AWS credentials found"):
-        EC2Provider(4, instance_type="c7g.large", ssh_cidr=TEST_CIDR, handle_signals=False)
+        EC2Provider(4, instance_type="c7g.large", ssh_cidr=TEST_CIDR, handle_signals=False,
+                    environment=None)
 
 
 def test_gpu_type_without_a_gpu_image_asks_for_ami(

@@ -111,7 +111,7 @@ def _unreachable(record: Any) -> tuple[str, int]:
 def test_exception_in_with_block(session: boto3.Session) -> None:
     options = dict(provider="ec2", instance_type=MIXED, regions=REGIONS, ssh_cidr=TEST_CIDR,
                    session=session, handle_signals=False, address_for=_unreachable,
-                   boot_timeout=2, heartbeat_interval=0.5)
+                   boot_timeout=2, heartbeat_interval=0.5, environment=None)
     with pytest.raises(ZeroDivisionError):
         with VMExecutor(8, **options) as ex:
             future = ex.submit(pow, 2, 5)
@@ -147,7 +147,8 @@ CLIENT = textwrap.dedent("""
     options = dict(instance_type=["c7g.large", "c7i.large"],
                    regions=["us-east-1", "us-west-2"], ssh_cidr="203.0.113.7/32",
                    endpoint_url=url, session=boto3.Session(region_name="us-east-1"),
-                   address_for=lambda record: ("127.0.0.1", 9), boot_timeout=600)
+                   address_for=lambda record: ("127.0.0.1", 9), boot_timeout=600,
+                   environment=None)
     if mode == "provider":   # no executor, no terminate(): atexit must clean up
         provider = EC2Provider(8, **options)
         provider.launch(8)

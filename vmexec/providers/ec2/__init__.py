@@ -48,6 +48,7 @@ import logging
 import math
 import re
 import secrets
+import shlex
 import signal
 import socket
 import sys
@@ -62,7 +63,9 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, InvalidRegionError
 
 from vmexec import retry
-from vmexec.errors import CapacityError, ConfigError, QuotaError, TransportError
+from vmexec.environment import PreparedEnvironment, prepare_environment
+from vmexec.environment.stage import delete_staging, stage_artifacts
+from vmexec.errors import CapacityError, ConfigError, EnvSyncError, QuotaError, TransportError
 from vmexec.guardrails.pricing import PriceBook
 from vmexec.providers.base import MachineRecord, Provider
 from vmexec.providers.ec2 import resources
@@ -120,7 +123,7 @@ _OPTIONS = ("instance_type", "regions", "arm", "spot", "ami", "ssh_cidr",
             "iam_instance_profile", "root_volume_gb", "tags", "name", "packages",
             "index_url", "find_links", "wheel_urls", "session", "endpoint_url",
             "slots_per_machine", "boot_timeout", "max_lifetime", "ssh_user", "address_for",
-            "boot_env", "handle_signals")
+            "boot_env", "handle_signals", "environment", "exclude", "env", "forward_env")
 
 
 def detect_ssh_cidr() -> str:
@@ -201,7 +204,15 @@ class EC2Provider(Provider):
         root_volume_gb: root volume size (default: the image's).
         tags: extra tags on every resource.
         name: a name for the fleet (the ``Name`` tag; shown by ``vmexec ls``).
-        packages: extra pip requirements installed on the machines.
+        environment: what the machines install (``vmexec.environment``): ``"auto"``
+            (default: this interpreter's distributions, local packages and modules,
+            resolved per architecture before launch), ``"conda-pack"``, a requirements
+            file, a list of requirements, or None (the image's Python, plus
+            ``packages``/``wheel_urls`` with pip).
+        exclude: distributions or modules left out of ``environment``.
+        env: environment variables for the workers (sent over SSH, not in user-data).
+        forward_env: names of this process's environment variables to forward.
+        packages: with ``environment=None``: extra pip requirements for the machines.
         index_url: a package index for the machines (a mirror).
         find_links: wheel folders or URLs; alone (without ``index_url``) the install is
             offline.
@@ -245,6 +256,10 @@ class EC2Provider(Provider):
         index_url: Optional[str] = None,
         find_links: Any = None,
         wheel_urls: Sequence[str] = (),
+        environment: Any = "auto",
+        exclude: Sequence[str] = (),
+        env: Optional[Mapping[str, str]] = None,
+        forward_env: Sequence[str] = (),
         session: Any = None,
         endpoint_url: Optional[str] = None,
         slots_per_machine: Optional[int] = None,
@@ -299,6 +314,11 @@ class EC2Provider(Provider):
         if index_url is not None and (not isinstance(index_url, str) or not index_url):
             raise ConfigError(f"index_url must be a URL string, not {index_url!r}")
         self.index_url = index_url
+        if environment is not None and (packages or wheel_urls):
+            raise ConfigError(
+                "packages=/wheel_urls= go with environment=None (the image's Python); with "
+                f"environment={environment!r} install them here (they are captured) or "
+                "list them: environment=['numpy==2.1', ...]")
         if address_for is not None and not callable(address_for):
             raise ConfigError("address_for must be a callable record -> (host, port)")
         self.address_for = address_for or _default_address
@@ -373,6 +393,15 @@ class EC2Provider(Provider):
             check_root_volume(images, self.root_volume_gb, region)
         self._price_plan()
         log.info("fleet %s plan:\n%s", self.fleet_id, self.plan.text())
+        # Capture, resolve per architecture and build before anything exists: a package
+        # without a build for an arch of the plan is an EnvSyncError now, not on
+        # machine 1,731.
+        self.environment: Optional[PreparedEnvironment] = prepare_environment(
+            environment, sorted({line.arch for line in self.plan.lines}), exclude=exclude,
+            env=env, forward_env=forward_env, index_url=index_url,
+            find_links=self.find_links)
+        self._install_scripts: dict[str, str] = {}  # region -> staged install script
+        self._staging_lock = threading.Lock()
 
         # -- state -----------------------------------------------------------------------
         self._lock = threading.Lock()  # records, setups, keys
@@ -453,6 +482,7 @@ class EC2Provider(Provider):
             index_url=self.index_url, find_links=self.find_links,
             heartbeat_grace=int(self.boot_timeout + 600),
             max_lifetime=int(self.max_lifetime or 0), env=self.boot_env,
+            environment_script=_PREPARE_FOR_SSH_INSTALL if self.environment else "",
         )
 
     def userdata(self) -> str:
@@ -687,6 +717,8 @@ class EC2Provider(Provider):
                                abort=self._closing, clock=clock)
         try:
             policy(probe)
+            if self.environment is not None:
+                self._install_environment(record, ssh, deadline - clock.monotonic())
             transport = policy(ssh, agent_command(), 30.0)
         except _BootFailed as failed:
             raise TransportError(f"{record.label}: the boot script failed: {failed}") from None
@@ -700,6 +732,41 @@ class EC2Provider(Provider):
                 + (f"\nconsole output ends:\n{console}" if console else "")) from exc
         return transport
 
+    def _install_script(self, region: str) -> str:
+        """The environment's install script for ``region``, staging its artifacts once.
+
+        Artifacts go to the region's staging bucket once (content-addressed: unchanged
+        ones are not uploaded again), whatever the number of machines.
+        """
+        assert self.environment is not None
+        with self._staging_lock:
+            script = self._install_scripts.get(region)
+            if script is None:
+                staged = stage_artifacts(self.session, [region], self.fleet_id,
+                                         self.environment.artifacts,
+                                         archs=self.environment.archs, tags=self.tags,
+                                         endpoint_url=self.endpoint_url)[region]
+                script = self._install_scripts[region] = self.environment.script(
+                    staged.artifacts)
+            return script
+
+    def _install_environment(self, record: MachineRecord,
+                             ssh: Callable[[str, float], Transport], seconds: float) -> None:
+        """Install the synced environment over SSH, after the boot script is done.
+
+        Over SSH rather than in user-data: the install script carries presigned S3 URLs
+        (which name the access key id, and a session token with temporary credentials);
+        user-data is readable by every process on the machine for its whole life, the
+        SSH channel is not. The machine pulls the artifacts itself: the client's upload
+        does not grow with the number of machines.
+        """
+        script = self._install_script(record.region or "")
+        command = ("PY=$(cat \"${VMEXEC_ROOT:-}/var/lib/vmexec/python\" 2>/dev/null); "
+                   f"export PY; bash -c {shlex.quote(script)} 2>&1 && echo {_INSTALLED}")
+        output = _read_all(ssh(command, 60.0), max(60.0, seconds))
+        if _INSTALLED not in output:
+            raise _BootFailed(f"installing the environment failed:\n{output[-1500:]}")
+
     def agent_options(self, record: MachineRecord) -> dict[str, object]:
         """Tell the agent where spot interruption notices appear, and how to power off.
 
@@ -710,7 +777,14 @@ class EC2Provider(Provider):
         """
         with self._lock:
             root = self._roots.get(record.id, "")
-        return {"notice_file": f"{root.rstrip('/')}/{NOTICE_FILE}", "poweroff": _POWEROFF}
+        options: dict[str, object] = {"notice_file": f"{root.rstrip('/')}/{NOTICE_FILE}",
+                                      "poweroff": _POWEROFF}
+        if self.environment is not None:
+            # The skew guard's expected value, and the workers' environment variables
+            # (over SSH: never in user-data, which anyone on the machine can read).
+            options["environment_hash"] = self.environment.token
+            options["env"] = dict(self.environment.spec.env)
+        return options
 
     def _console_tail(self, record: MachineRecord) -> str:
         try:
@@ -796,6 +870,16 @@ class EC2Provider(Provider):
                 with self._lock:
                     for record in self._records.values():
                         record.state = "terminated"
+                    staged_regions = list(self._install_scripts)
+                if staged_regions:
+                    try:
+                        delete_staging(self.session, staged_regions, self.fleet_id,
+                                       endpoint_url=self.endpoint_url)
+                        summary.deleted["staged artifact set"] = len(staged_regions)
+                    except EnvSyncError as exc:
+                        # The bucket's lifecycle rule removes them within a day.
+                        log.warning("fleet %s: staged artifacts not deleted: %s",
+                                    self.fleet_id, exc)
                 self.teardown_summary = summary
             if self._keys is not None:
                 self._keys.remove()
@@ -855,6 +939,15 @@ def _default_address(record: MachineRecord) -> tuple[str, int]:
     if not record.address:
         raise TransportError(f"{record.label} has no IP address")
     return record.address, 22
+
+
+# With environment sync the boot script only prepares: it records which Python it found
+# and hands /opt/vmexec to the login user; the install itself comes over SSH.
+_PREPARE_FOR_SSH_INSTALL = "\n".join([
+    'echo "$PY" > "$STATE/python"',
+    'chown -R "$USER_NAME" "$R/opt/vmexec" || fail "cannot hand $R/opt/vmexec to $USER_NAME"',
+])
+_INSTALLED = "__VMEXEC_ENVIRONMENT_INSTALLED__"
 
 
 def _read_all(transport: Transport, timeout: float) -> str:
