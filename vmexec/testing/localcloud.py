@@ -1,0 +1,1556 @@
+"""The local cloud: moto's EC2 whose instances boot for real on this machine.
+
+Owns, for one test module or benchmark (``LocalCloud``, a context manager):
+
+* moto's ``ThreadedMotoServer`` on a free port of 127.0.0.1. moto's state is
+  process-wide: a cloud resets it when it starts and when it closes, so open one cloud
+  at a time per process;
+* a ``boto3.Session`` with fake credentials whose every request is checked to go to that
+  server (a ``before-send`` guard), plus ``AWS_ENDPOINT_URL`` and fake credentials in
+  the environment while the cloud is open, so that nothing can reach a real endpoint;
+* a package index for the machines, which have no internet: the vmexec wheel built from
+  this checkout, and its requirements and the agent's (cloudpickle, psutil) with their
+  dependency closure, repacked from the wheels installed in this interpreter (offline,
+  the client's exact versions), served by an HTTP server on 127.0.0.1 as a PEP 503
+  ``/simple/`` index and a flat ``/files/`` find-links page;
+* a watcher thread that polls ``DescribeInstances`` in every region the cloud is used in
+  (at once after the session's own launch and terminate calls, else every second) and
+  gives every new instance a fake VM (``vmexec.testing.fakevm``) that runs its user-data
+  for real — at most ``max_concurrent_boots`` boot scripts at a time, since the machines
+  share this computer's CPUs — and stops the VM when the instance is terminated or
+  stopped;
+* power-off from inside a machine (the agent's watchdog, the boot script's dead-man
+  switch): the instance is terminated in moto (or stopped, per its
+  ``InstanceInitiatedShutdownBehavior``) and its fake VM stops;
+* faults: API errors (``ApiFaults``: capacity per type / zone / region / spot, quotas,
+  throttling bursts, as botocore handlers on the session, so they reach every client the
+  provider makes from it), spot interruption notices, machines that die, sshds that never
+  answer, boot scripts that fail.
+
+Usage::
+
+    with LocalCloud() as cloud:
+        with VMExecutor(4, provider="ec2", instance_type="c7i.large",
+                        regions=["us-east-1"], **cloud.executor_options()) as ex:
+            print(list(ex.map(abs, range(-3, 3))))
+        assert cloud.tagged_resources() == []
+
+boto3 and moto are imported here for the harness, the one place outside
+``vmexec.providers.ec2`` that may (tests only; ``vmexec.testing`` imports nothing on its
+own). Must not import: paramiko, the scheduler, the executor or any provider: the
+harness plays the cloud, it does not drive the client.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import collections
+import dataclasses
+import datetime
+import getpass
+import hashlib
+import http.server
+import importlib.metadata
+import ipaddress
+import logging
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
+
+import boto3
+import botocore.awsrequest
+import botocore.config
+import botocore.exceptions
+from moto.server import ThreadedMotoServer
+
+from vmexec.testing.fakevm import (
+    BOOT_SLOT_SECONDS,
+    ControlServer,
+    FakeVM,
+    FakeVMError,
+    FakeVMHost,
+    VMSpec,
+    stop_machines,
+)
+
+__all__ = ["LocalCloud", "ApiFaults", "Fault", "OffMachineRequestError", "build_wheelhouse",
+           "requirement_closure", "repack_installed", "FAKE_CREDENTIALS"]
+
+log = logging.getLogger(__name__)
+
+#: The credentials every local cloud uses (moto accepts any).
+FAKE_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing",
+                    "aws_session_token": "testing"}
+
+#: The distributions the agent needs on a machine besides vmexec itself.
+AGENT_REQUIREMENTS = ("cloudpickle", "psutil")
+
+#: The tag key that marks everything vmexec creates.
+FLEET_TAG = "vmexec:fleet"
+
+_LAUNCH_OPERATIONS = frozenset({"RunInstances", "CreateFleet", "TerminateInstances",
+                                "StopInstances", "StartInstances", "RequestSpotInstances"})
+_CAPACITY_OPERATIONS = ("RunInstances", "CreateFleet")
+_GONE_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
+
+
+class OffMachineRequestError(RuntimeError):
+    """A request was about to leave the local cloud (its URL is not the moto server)."""
+
+
+@dataclasses.dataclass
+class Fault:
+    """One injected API error. Returned by the fault methods; ``remove()`` ends it.
+
+    Attributes:
+        code: the AWS error code (``InsufficientInstanceCapacity``, ...).
+        operations: the API operations it applies to.
+        region, zone, instance_type: None matches any.
+        spot: True only spot requests, False only on-demand, None both.
+        remaining: how many more API calls it fails (None: every one).
+        hits: how many calls it failed so far.
+    """
+
+    code: str
+    message: str
+    operations: frozenset[str]
+    status: int = 400
+    region: Optional[str] = None
+    zone: Optional[str] = None
+    instance_type: Optional[str] = None
+    spot: Optional[bool] = None
+    remaining: Optional[int] = None
+    hits: int = 0
+    capacity: bool = False
+    _owner: Optional["ApiFaults"] = dataclasses.field(default=None, repr=False)
+
+    def remove(self) -> None:
+        """Stop injecting this fault."""
+        if self._owner is not None:
+            self._owner.remove(self)
+
+    def matches_pool(self, instance_type: Optional[str], zone: Optional[str],
+                     spot: bool) -> bool:
+        """Whether a launch of ``instance_type`` in ``zone`` (spot or not) hits this fault."""
+        if self.instance_type is not None and instance_type != self.instance_type:
+            return False
+        # A launch that names no zone lets AWS pick one with capacity.
+        if self.zone is not None and zone != self.zone:
+            return False
+        return self.spot is None or self.spot == spot
+
+
+class ApiFaults:
+    """EC2 API errors injected into every client of a boto3 session (botocore events).
+
+    Register it on a session before the clients are made (they copy the session's
+    handlers); faults added later still apply, as the handlers read the live list.
+    Usable on its own, e.g. with moto's in-process ``mock_aws``.
+
+    Args:
+        session: the ``boto3.Session`` whose clients get the faults.
+        lookup: ``region -> EC2 client`` without faults, to read launch templates and
+            subnets that requests refer to.
+        url: the endpoint named in synthesized responses.
+    """
+
+    def __init__(self, session: boto3.Session, lookup: Callable[[str], Any],
+                 url: str = "") -> None:
+        self._lookup = lookup
+        self._url = url
+        self._lock = threading.Lock()
+        self._faults: list[Fault] = []
+        self._template_cache: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._subnet_zones: dict[tuple[str, str], str] = {}
+        events = session.events
+        events.register("before-parameter-build.ec2.CreateFleet", self._fleet_params)
+        events.register("before-call.ec2", self._before_call)
+        events.register("after-call.ec2.CreateFleet", self._fleet_errors)
+
+    @property
+    def faults(self) -> list[Fault]:
+        """The faults in force."""
+        with self._lock:
+            return list(self._faults)
+
+    def capacity_error(self, *, instance_type: Optional[str] = None,
+                       zone: Optional[str] = None, region: Optional[str] = None,
+                       spot: Optional[bool] = None,
+                       code: str = "InsufficientInstanceCapacity",
+                       times: Optional[int] = None) -> Fault:
+        """Make launches of a type / zone / region (spot or not) fail for lack of capacity.
+
+        ``RunInstances`` fails with ``code``; ``CreateFleet`` (type instant) leaves the
+        matching pools out and reports them in the response's ``Errors``, as EC2 does,
+        launching from the remaining pools.
+
+        Args:
+            instance_type, zone, region: what is short (None: any).
+            spot: True only spot, False only on-demand, None both.
+            code: e.g. ``InsufficientInstanceCapacity``, ``Unsupported``,
+                ``SpotMaxPriceTooLow``, ``InsufficientCapacityOnHost``.
+            times: how many launch calls it affects (None: until removed).
+
+        Returns:
+            The ``Fault`` (``remove()`` ends it; ``hits`` counts affected calls).
+        """
+        message = (f"We currently do not have sufficient {instance_type or 'instance'} "
+                   f"capacity in the Availability Zone you requested "
+                   f"({zone or region or 'any'}). (injected by LocalCloud)")
+        return self._add(Fault(code=code, message=message,
+                               operations=frozenset(_CAPACITY_OPERATIONS),
+                               region=region, zone=zone, instance_type=instance_type,
+                               spot=spot, remaining=times, capacity=True))
+
+    def api_error(self, code: str, *, operations: Iterable[str] = _CAPACITY_OPERATIONS,
+                  region: Optional[str] = None, message: str = "", status: int = 400,
+                  times: Optional[int] = None) -> Fault:
+        """Make API calls fail with ``code`` (e.g. ``VcpuLimitExceeded`` for a quota).
+
+        Args:
+            code: the AWS error code.
+            operations: the operations it applies to (e.g. ``["RunInstances"]``).
+            region: only this region (None: all).
+            message: the error message (a sensible default names the code).
+            status: the HTTP status.
+            times: how many calls it fails (None: until removed).
+
+        Returns:
+            The ``Fault``.
+        """
+        return self._add(Fault(
+            code=code, message=message or f"{code} (injected by LocalCloud)",
+            operations=frozenset(operations), status=status, region=region,
+            remaining=times))
+
+    def throttle(self, count: int, *, operations: Optional[Iterable[str]] = None,
+                 region: Optional[str] = None, code: str = "RequestLimitExceeded") -> Fault:
+        """The next ``count`` matching calls fail with ``RequestLimitExceeded`` (HTTP 503).
+
+        The error is returned before botocore's own retries, so the caller's retry policy
+        sees every one of them.
+
+        Args:
+            count: how many calls to refuse, then calls succeed again.
+            operations: only these operations (None: every EC2 operation).
+            region: only this region (None: all).
+            code: ``RequestLimitExceeded`` or ``Throttling``.
+
+        Returns:
+            The ``Fault``.
+        """
+        return self._add(Fault(
+            code=code, message="Request limit exceeded. (injected by LocalCloud)",
+            operations=frozenset(operations or ()), status=503, region=region,
+            remaining=count))
+
+    def remove(self, fault: Fault) -> None:
+        """Stop injecting ``fault``."""
+        with self._lock:
+            if fault in self._faults:
+                self._faults.remove(fault)
+
+    def clear(self) -> None:
+        """Remove every fault."""
+        with self._lock:
+            self._faults.clear()
+
+    # --- handlers --------------------------------------------------------------------
+
+    def _add(self, fault: Fault) -> Fault:
+        fault._owner = self
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def _take(self, fault: Fault) -> bool:
+        """Count one hit of ``fault``; False once it is used up. Lock held by caller."""
+        if fault.remaining is not None:
+            if fault.remaining <= 0:
+                return False
+            fault.remaining -= 1
+            if fault.remaining == 0:
+                self._faults.remove(fault)
+        fault.hits += 1
+        return True
+
+    def _before_call(self, model: Any, params: dict[str, Any], context: dict[str, Any],
+                     **_: Any) -> Optional[tuple[Any, dict[str, Any]]]:
+        """``before-call``: answer with an injected error instead of calling AWS."""
+        operation = model.name
+        region = _region_of(context)
+        if operation == "CreateFleet":
+            if context.get("localcloud_fleet_empty"):
+                return self._synthesize(200, {
+                    "FleetId": f"fleet-{uuid.uuid4()}", "Instances": [],
+                    "Errors": context.get("localcloud_fleet_errors", [])})
+            capacity_ok = True  # pools were handled in _fleet_params
+        else:
+            capacity_ok = False
+        body = params.get("body") if isinstance(params.get("body"), dict) else {}
+        pool: Optional[tuple[Optional[str], Optional[str], bool]] = None
+        with self._lock:
+            faults = list(self._faults)
+        for fault in faults:
+            if fault.operations and operation not in fault.operations:
+                continue
+            if fault.region is not None and fault.region != region:
+                continue
+            if fault.capacity:
+                if capacity_ok:
+                    continue
+                if pool is None:
+                    pool = self._run_instances_pool(region, body)
+                if not fault.matches_pool(*pool):
+                    continue
+            with self._lock:
+                if not self._take(fault):
+                    continue
+            log.info("injecting %s into %s in %s", fault.code, operation, region)
+            return self._synthesize(fault.status, {
+                "Error": {"Code": fault.code, "Message": fault.message}})
+        return None
+
+    def _fleet_params(self, params: dict[str, Any], context: dict[str, Any],
+                      **_: Any) -> None:
+        """``before-parameter-build`` for CreateFleet: drop the pools a capacity fault
+        covers and remember them as the fleet's ``Errors``, as EC2 reports them."""
+        region = _region_of(context)
+        with self._lock:
+            faults = [f for f in self._faults if f.capacity
+                      and "CreateFleet" in f.operations
+                      and (f.region is None or f.region == region)]
+        if not faults:
+            return
+        target = params.get("TargetCapacitySpecification", {})
+        spot = target.get("DefaultTargetCapacityType") == "spot"
+        lifecycle = "spot" if spot else "on-demand"
+        errors: list[dict[str, Any]] = []
+        kept_configs = []
+        used: set[int] = set()
+        for config in params.get("LaunchTemplateConfigs", []):
+            spec = config.get("LaunchTemplateSpecification", {})
+            data = self._template(region, spec)
+            overrides = config.get("Overrides") or [{}]
+            kept = []
+            for override in overrides:
+                instance_type = override.get("InstanceType") or data.get("InstanceType")
+                zone = override.get("AvailabilityZone") or self._zone_of_subnet(
+                    region, override.get("SubnetId")) or _template_zone(data)
+                hit = next((f for f in faults if f.matches_pool(instance_type, zone, spot)),
+                           None)
+                if hit is None:
+                    kept.append(override)
+                    continue
+                used.add(id(hit))
+                errors.append({
+                    "LaunchTemplateAndOverrides": {"LaunchTemplateSpecification": spec,
+                                                   "Overrides": override},
+                    "Lifecycle": lifecycle, "ErrorCode": hit.code,
+                    "ErrorMessage": hit.message})
+            if kept and kept != overrides:
+                kept_configs.append({**config, "Overrides": kept})
+            elif kept:
+                kept_configs.append(config)
+        if not errors:
+            return
+        with self._lock:
+            taken = [f for f in faults if id(f) in used and self._take(f)]
+        if not taken:
+            return
+        context["localcloud_fleet_errors"] = errors
+        log.info("CreateFleet in %s: %d pool(s) without capacity (injected)", region,
+                 len(errors))
+        if kept_configs:
+            # A new list: the caller's own structures must not change under it.
+            params["LaunchTemplateConfigs"] = kept_configs
+        else:
+            context["localcloud_fleet_empty"] = True
+
+    def _fleet_errors(self, parsed: dict[str, Any], context: dict[str, Any],
+                    **_: Any) -> None:
+        """``after-call`` of CreateFleet: report the pools left out as the fleet's Errors."""
+        if context.get("localcloud_fleet_errors") and not context.get("localcloud_fleet_empty"):
+            parsed.setdefault("Errors", []).extend(context["localcloud_fleet_errors"])
+
+    def _synthesize(self, status: int, parsed: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        request_id = str(uuid.uuid4())
+        parsed["ResponseMetadata"] = {"RequestId": request_id, "HTTPStatusCode": status,
+                                      "HTTPHeaders": {}, "RetryAttempts": 0}
+        error = parsed.get("Error")
+        body = (f"<Response><Errors><Error><Code>{error['Code']}</Code><Message>"
+                f"{error['Message']}</Message></Error></Errors><RequestID>{request_id}"
+                f"</RequestID></Response>" if error else "").encode()
+        http = botocore.awsrequest.AWSResponse(self._url, status, {}, _RawBody(body))
+        return http, parsed
+
+    def _run_instances_pool(self, region: str, body: dict[str, Any]
+                            ) -> tuple[Optional[str], Optional[str], bool]:
+        """(instance type, zone, spot) of a RunInstances request's flattened params."""
+        spec = {k.split(".", 1)[1]: v for k, v in body.items() if k.startswith("LaunchTemplate.")}
+        data = self._template(region, spec) if spec else {}
+        instance_type = body.get("InstanceType") or data.get("InstanceType")
+        subnet = body.get("SubnetId") or body.get("NetworkInterface.1.SubnetId")
+        zone = (body.get("Placement.AvailabilityZone") or self._zone_of_subnet(region, subnet)
+                or _template_zone(data))
+        if zone is None and data.get("NetworkInterfaces"):
+            zone = self._zone_of_subnet(region, data["NetworkInterfaces"][0].get("SubnetId"))
+        market = body.get("InstanceMarketOptions.MarketType") or \
+            data.get("InstanceMarketOptions", {}).get("MarketType")
+        return instance_type, zone, market == "spot"
+
+    def _template(self, region: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """The launch template data a request refers to (cached; {} when none)."""
+        ident = spec.get("LaunchTemplateId") or spec.get("LaunchTemplateName")
+        if not ident:
+            return {}
+        version = str(spec.get("Version") or "$Default")
+        key = (region, str(ident), version)
+        with self._lock:
+            if key in self._template_cache:
+                return self._template_cache[key]
+        args: dict[str, Any] = {"Versions": [version]}
+        if spec.get("LaunchTemplateId"):
+            args["LaunchTemplateId"] = spec["LaunchTemplateId"]
+        else:
+            args["LaunchTemplateName"] = spec["LaunchTemplateName"]
+        try:
+            versions = self._lookup(region).describe_launch_template_versions(**args)
+            data = versions["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+        except (botocore.exceptions.ClientError, IndexError, KeyError) as exc:
+            log.debug("launch template %s not readable: %s", ident, exc)
+            data = {}
+        if version not in ("$Latest", "$Default"):
+            with self._lock:
+                self._template_cache[key] = data
+        return data
+
+    def _zone_of_subnet(self, region: str, subnet: Optional[str]) -> Optional[str]:
+        if not subnet:
+            return None
+        with self._lock:
+            if (region, subnet) in self._subnet_zones:
+                return self._subnet_zones[(region, subnet)]
+        try:
+            found = self._lookup(region).describe_subnets(SubnetIds=[subnet])["Subnets"]
+        except botocore.exceptions.ClientError:
+            return None
+        zone = found[0]["AvailabilityZone"] if found else None
+        if zone:
+            with self._lock:
+                self._subnet_zones[(region, subnet)] = zone
+        return zone
+
+
+@dataclasses.dataclass
+class _Machine:
+    """The harness's record of one instance and its fake VM."""
+
+    vm: FakeVM
+    region: str
+    poweroff_at: Optional[float] = None
+    reclaim_at: Optional[float] = None
+    gone: bool = False
+
+
+class _RawBody:
+    """The ``raw`` of a synthesized ``AWSResponse`` (botocore reads ``stream()``)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield self._data
+
+
+class LocalCloud:
+    """A moto-backed EC2 whose instances are fake VMs on this machine.
+
+    Args:
+        workdir: where machines, keys, logs and wheels live (default: a new temporary
+            directory, removed on ``close()``; a given one is kept for post-mortems).
+        regions: regions the watcher polls from the start; regions any client of
+            ``session`` calls are added as they are used.
+        distro_sshd: machines run an sshd with a throwaway host key from power-on until
+            the boot script installs the pinned key (as real images do).
+        poll_interval: seconds between looks at moto when nothing asked for one (the
+            session's own launch and terminate calls ask at once).
+        extra_distributions: more installed distributions to serve to the machines.
+        vm_tools: commands put on every machine's PATH from this computer
+            (e.g. ``("uv",)``; a stock image has none of them).
+        max_concurrent_boots: boot scripts that run at once (default: the CPU count).
+            A real cloud boots every machine on its own CPUs; here they share this
+            computer's, and twenty venv installs at once would make every machine late
+            instead of the first ones early. The others wait "powered off", their
+            instances already "running", as on a slow hypervisor.
+        start: start now (default), else call ``start()``.
+
+    Attributes:
+        session: a ``boto3.Session`` with fake credentials, guarded and fault-injecting.
+        faults: the session's ``ApiFaults`` (``capacity_error`` & co. are shortcuts).
+        endpoint_url: the moto server's URL.
+        workdir: the cloud's directory (machines under ``workdir/vms/<instance id>``).
+        index_url: the machines' PEP 503 index (``http://127.0.0.1:PORT/simple/``).
+        find_links: the machines' flat wheel page (``http://127.0.0.1:PORT/files/``).
+        wheels: the wheel files served.
+        api_calls: ``Counter`` of ``(region, operation)`` made through ``session``.
+        wheel_requests: wheels the machines downloaded from the index.
+        offmachine_requests: URLs the guard refused (a test should assert it is empty).
+
+    Raises:
+        FakeVMError: sshd/ssh-keygen are missing or the wheel cannot be built.
+    """
+
+    def __init__(self, workdir: Union[str, os.PathLike[str], None] = None, *,
+                 regions: Iterable[str] = ("us-east-1",), distro_sshd: bool = True,
+                 poll_interval: float = 1.0, extra_distributions: Iterable[str] = (),
+                 vm_tools: Iterable[str] = (), max_concurrent_boots: Optional[int] = None,
+                 start: bool = True) -> None:
+        self._own_workdir = workdir is None
+        # Short paths: the control socket's path must fit in 107 bytes.
+        self.workdir = Path(tempfile.mkdtemp(prefix="lc-") if workdir is None else workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.poll_interval = poll_interval
+        self._distro_sshd = distro_sshd
+        self._extra_distributions = tuple(extra_distributions)
+        self._vm_tools = tuple(vm_tools)
+        self._lock = threading.RLock()
+        region_list = list(regions)
+        self._regions: set[str] = set(region_list)
+        self._default_region = region_list[0] if region_list else "us-east-1"
+        self._machines: dict[str, _Machine] = {}
+        self._addresses: dict[str, tuple[str, int]] = {}
+        self._next_address = 0
+        self._net = random.randrange(32, 250)  # 127.<net>.x.y: unlikely to meet another cloud
+        self.max_concurrent_boots = max(1, max_concurrent_boots or os.cpu_count() or 1)
+        self._boot_queue: collections.deque[FakeVM] = collections.deque()
+        self._boot_waiters: list[threading.Thread] = []
+        self._poll_requested = True
+        self._pending_blackholes = 0
+        self._pending_broken = 0
+        self._broken_ids: set[str] = set()
+        self._wake = threading.Event()
+        self._adopted = threading.Condition(self._lock)
+        self._closing = threading.Event()
+        self._watcher: Optional[threading.Thread] = None
+        self._server: Optional[ThreadedMotoServer] = None
+        self._http: Optional[http.server.ThreadingHTTPServer] = None
+        self._http_thread: Optional[threading.Thread] = None
+        self._control: Optional[ControlServer] = None
+        self._host: Optional[FakeVMHost] = None
+        self._saved_env: dict[str, Optional[str]] = {}
+        self._internal: dict[str, Any] = {}
+        self.api_calls: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.offmachine_requests: list[str] = []
+        self.wheel_requests = 0
+        self.endpoint_url = ""
+        self.index_url = ""
+        self.find_links = ""
+        self.wheels: list[Path] = []
+        self.session: boto3.Session = boto3.Session(region_name=self._default_region,
+                                                    **FAKE_CREDENTIALS)
+        self.faults: ApiFaults  # made in start(), once the endpoint is known
+        self._harness_session = boto3.Session(region_name=self._default_region,
+                                              **FAKE_CREDENTIALS)
+        self._started = False
+        if start:
+            self.start()
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start moto, the package index, the control socket and the watcher.
+
+        Raises:
+            FakeVMError: a part could not start (everything started is stopped again).
+        """
+        if self._started:
+            return
+        self._started = True
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        server = _QuietMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        self._server = server
+        host, port = server.get_host_and_port()
+        self.endpoint_url = f"http://{host}:{port}"
+        self._isolate_environment()
+        # Every API call goes through the guard; fault handlers read the live fault list
+        # so faults added after a client was made still apply.
+        for sess in (self.session, self._harness_session):
+            sess.events.register("before-send", self._guard)
+        events = self.session.events
+        # before-parameter-build runs for every call, before any fault can answer it.
+        events.register("before-parameter-build", self._count_call)
+        events.register("after-call.ec2", self._after_launch)
+        self.faults = ApiFaults(self.session, self.client, self.endpoint_url)
+        # moto's backends are process-wide: start from an empty cloud.
+        _reset_moto(self.endpoint_url)
+        self.wheels = build_wheelhouse(self.workdir / "wheelhouse", self._extra_distributions)
+        self._start_index(self.workdir / "wheelhouse")
+        control_path = str(self.workdir / "ctl.sock")
+        self._control = ControlServer(control_path, self._on_machine_request)
+        marker_prefix = f"lc{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._host = FakeVMHost(self.workdir, control_path, marker_prefix,
+                                distro_sshd=self._distro_sshd, extra_path=self._tool_dirs())
+        self._watcher = threading.Thread(target=self._watch, name="localcloud-watcher",
+                                         daemon=True)
+        self._watcher.start()
+        log.info("local cloud up: moto at %s, index at %s, machines in %s", self.endpoint_url,
+                 self.index_url, self.workdir)
+
+    def close(self) -> None:
+        """Stop every machine, the watcher, the index, moto; restore the environment.
+
+        Idempotent. Machines still running are killed without terminating their
+        instances (moto goes away with them).
+        """
+        self._closing.set()
+        self._wake.set()
+        if self._watcher is not None:
+            self._watcher.join(30)
+            if self._watcher.is_alive():
+                log.error("local cloud watcher did not stop within 30 s")
+            self._watcher = None
+        with self._lock:
+            machines = list(self._machines.values())
+        if machines:
+            self._stop_machines([m.vm for m in machines])
+        with self._lock:
+            waiters, self._boot_waiters = self._boot_waiters, []
+        for waiter in waiters:
+            waiter.join(10)  # their boot scripts were killed with the machines
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            if self._http_thread is not None:
+                self._http_thread.join(10)
+            self._http = None
+        if self._server is not None:
+            # moto's state is process-wide: leave none of this cloud's behind.
+            try:
+                _reset_moto(self.endpoint_url)
+            except OSError as exc:
+                log.warning("could not reset moto at %s: %s", self.endpoint_url, exc)
+            self._server.stop()
+            self._server = None
+        self._restore_environment()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> LocalCloud:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: Optional[type[BaseException]],
+                 exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<LocalCloud {self.endpoint_url or 'stopped'} {len(self._machines)} machine(s)>"
+
+    # --- what the client is given ------------------------------------------------------
+
+    def executor_options(self, **overrides: Any) -> dict[str, Any]:
+        """Options for ``VMExecutor(provider="ec2", ...)`` that point it at this cloud.
+
+        Args:
+            **overrides: replace or add options.
+
+        Returns:
+            ``endpoint_url``, ``session``, ``address_for``, ``boot_env``, ``index_url``
+            (the machines install vmexec and its agent's dependencies from this cloud's
+            index), ``ssh_user`` (this computer's user: sshd logs in real accounts
+            only), ``ssh_cidr`` (the client is 127.0.0.1) and ``environment=None``: the
+            machines install vmexec and the agent's requirements only. Environment sync
+            (``environment="auto"``) installs the client's whole environment, which
+            the index serves only with ``LocalCloud(extra_distributions=[...])``
+            listing it (this test environment is about 530 MB of wheels).
+        """
+        options: dict[str, Any] = {
+            "endpoint_url": self.endpoint_url,
+            "session": self.session,
+            "address_for": self.address_for,
+            "boot_env": self.boot_env(),
+            "index_url": self.index_url,
+            "ssh_user": getpass.getuser(),
+            "ssh_cidr": "127.0.0.1/32",
+            "environment": None,
+        }
+        options.update(overrides)
+        return options
+
+    def boot_env(self) -> dict[str, str]:
+        """Variables the boot script should export: the harness's sshd restart and
+        power-off commands (the harness also sets them when it runs the script)."""
+        host = self._require_host()
+        return {"VMEXEC_SSHD_RELOAD": f"{host.ctl} sshd-reload",
+                "VMEXEC_POWEROFF": f"{host.ctl} poweroff"}
+
+    def address_for(self, record: Any) -> tuple[str, int]:
+        """The ``(host, port)`` where instance ``record.id`` (or an id string) answers SSH.
+
+        The address is fixed the first time an instance is asked about or seen, so the
+        client may ask before the machine has booted (it then gets "connection refused",
+        as from a booting machine).
+        """
+        instance_id = record if isinstance(record, str) else record.id
+        with self._lock:
+            if instance_id not in self._addresses:
+                self._addresses[instance_id] = self._allocate_address()
+            return self._addresses[instance_id]
+
+    # --- looking at machines -----------------------------------------------------------
+
+    @property
+    def vms(self) -> dict[str, FakeVM]:
+        """The fake VMs started so far, by instance id (stopped ones included)."""
+        with self._lock:
+            return {i: m.vm for i, m in self._machines.items()}
+
+    def vm(self, instance_id: str, timeout: float = 30.0) -> FakeVM:
+        """The fake VM of ``instance_id``, waiting up to ``timeout`` for the watcher.
+
+        Raises:
+            LookupError: no such instance appeared in time.
+        """
+        self._request_poll()
+        deadline = time.monotonic() + timeout
+        with self._adopted:
+            while instance_id not in self._machines:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LookupError(f"no fake VM for instance {instance_id} after "
+                                      f"{timeout:g}s (regions polled: {sorted(self._regions)})")
+                self._adopted.wait(left)
+            return self._machines[instance_id].vm
+
+    def poweroff_due(self, instance_id: str) -> Optional[float]:
+        """Seconds until a power-off the machine scheduled (``shutdown -h +M``), or None."""
+        with self._lock:
+            machine = self._machines.get(instance_id)
+            if machine is None or machine.poweroff_at is None:
+                return None
+            return max(0.0, machine.poweroff_at - time.monotonic())
+
+    def wait_for(self, predicate: Callable[[], object], timeout: float = 60.0,
+                 what: Union[str, Callable[[], str]] = "") -> None:
+        """Poll ``predicate`` until true.
+
+        Args:
+            predicate: the condition.
+            timeout: seconds.
+            what: what is waited for, for the error (a callable is called then).
+
+        Raises:
+            TimeoutError: it stayed false for ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                described = what() if callable(what) else what
+                raise TimeoutError(f"local cloud: timed out after {timeout:g}s waiting for "
+                                   f"{described or predicate}")
+            # A short, bounded pause between polls; nothing here can be waited on.
+            self._closing.wait(0.02)
+
+    def client(self, region: Optional[str] = None, service: str = "ec2") -> Any:
+        """A harness client (no faults injected, guarded) for inspecting moto."""
+        region = region or self._default_region
+        with self._lock:
+            key = f"{service}:{region}"
+            if key not in self._internal:
+                self._internal[key] = self._harness_session.client(
+                    service, region_name=region, endpoint_url=self.endpoint_url,
+                    config=botocore.config.Config(retries={"max_attempts": 1}))
+            return self._internal[key]
+
+    @property
+    def regions(self) -> list[str]:
+        """Regions polled: those given and those any client of ``session`` called."""
+        with self._lock:
+            return sorted(self._regions)
+
+    def instances(self, region: Optional[str] = None) -> list[dict[str, Any]]:
+        """Every instance moto knows in ``region`` (all polled regions when None)."""
+        found = []
+        for name in [region] if region else self.regions:
+            pages = self.client(name).get_paginator("describe_instances").paginate()
+            for page in pages:
+                for reservation in page["Reservations"]:
+                    for instance in reservation["Instances"]:
+                        found.append({**instance, "Region": name})
+        return found
+
+    def tagged_resources(self, tag_key: str = FLEET_TAG) -> list[tuple[str, str, str]]:
+        """Every resource carrying ``tag_key`` that still exists, in every polled region.
+
+        Instances that are terminated do not count (EC2 lists them for an hour).
+
+        Returns:
+            ``(region, kind, id)`` for each, sorted.
+        """
+        has_tag = [{"Name": "tag-key", "Values": [tag_key]}]
+        left: list[tuple[str, str, str]] = []
+        for region in self.regions:
+            ec2 = self.client(region)
+            for inst in self.instances(region):
+                if inst["State"]["Name"] != "terminated" and _has_tag(inst, tag_key):
+                    left.append((region, "instance", inst["InstanceId"]))
+            for sg in ec2.describe_security_groups(Filters=has_tag)["SecurityGroups"]:
+                left.append((region, "security-group", sg["GroupId"]))
+            for kp in ec2.describe_key_pairs(Filters=has_tag)["KeyPairs"]:
+                left.append((region, "key-pair", kp.get("KeyPairId") or kp["KeyName"]))
+            for lt in ec2.describe_launch_templates(Filters=has_tag)["LaunchTemplates"]:
+                left.append((region, "launch-template", lt["LaunchTemplateId"]))
+            for vol in ec2.describe_volumes(Filters=has_tag)["Volumes"]:
+                left.append((region, "volume", vol["VolumeId"]))
+        s3 = self.client(self._default_region, "s3")
+        for bucket in s3.list_buckets().get("Buckets", []):
+            try:
+                tags = s3.get_bucket_tagging(Bucket=bucket["Name"])["TagSet"]
+            except botocore.exceptions.ClientError:
+                continue  # NoSuchTagSet: an untagged bucket is not ours
+            if any(t["Key"] == tag_key for t in tags):
+                left.append(("global", "s3-bucket", bucket["Name"]))
+        return sorted(left)
+
+    # --- faults --------------------------------------------------------------------------
+
+    def capacity_error(self, **match: Any) -> Fault:
+        """Launches without capacity: ``ApiFaults.capacity_error`` on ``session``."""
+        return self.faults.capacity_error(**match)
+
+    def api_error(self, code: str, **match: Any) -> Fault:
+        """Calls that fail with ``code``: ``ApiFaults.api_error`` on ``session``."""
+        return self.faults.api_error(code, **match)
+
+    def throttle(self, count: int, **match: Any) -> Fault:
+        """A throttling burst: ``ApiFaults.throttle`` on ``session``."""
+        return self.faults.throttle(count, **match)
+
+    def clear_faults(self) -> None:
+        """Remove every API fault."""
+        self.faults.clear()
+
+    def interrupt(self, instance_id: str, terminate_after: Optional[float] = None) -> Path:
+        """Give a spot instance its two-minute interruption notice.
+
+        Writes ``$VMEXEC_ROOT/var/lib/vmexec/spot-interruption`` in the machine (the JSON
+        EC2's metadata service serves at ``spot/instance-action``).
+
+        Args:
+            instance_id: the instance.
+            terminate_after: seconds after which the instance is reclaimed (terminated
+                in moto, its VM stopped); None leaves it running.
+
+        Returns:
+            The notice file.
+        """
+        vm = self.vm(instance_id)
+        when = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
+            seconds=terminate_after if terminate_after is not None else 120)
+        path = vm.interrupt({"action": "terminate",
+                             "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")})
+        if terminate_after is not None:
+            with self._lock:
+                self._machines[instance_id].reclaim_at = time.monotonic() + terminate_after
+            self._request_poll()
+        log.info("spot interruption notice for %s", instance_id)
+        return path
+
+    def kill_vm(self, instance_id: str, silent: bool = False) -> int:
+        """The machine dies mid-work: all its processes and its sshd are killed at once.
+
+        The instance stays "running" in moto, as EC2 shows a dead machine until someone
+        terminates it.
+
+        Args:
+            instance_id: the instance.
+            silent: freeze everything instead (SIGSTOP): connections stay open and go
+                quiet, so only heartbeats can tell.
+
+        Returns:
+            How many processes were killed or frozen.
+        """
+        return self.vm(instance_id).kill(silent=silent)
+
+    def blackhole(self, instance_id: Optional[str] = None, *, count: int = 1) -> None:
+        """An sshd that never answers: connections are accepted, no banner ever comes.
+
+        Args:
+            instance_id: that machine, now (sessions already open stay up).
+            count: without an id, the next ``count`` machines to boot.
+        """
+        if instance_id is not None:
+            self.vm(instance_id).blackhole()
+            return
+        with self._lock:
+            self._pending_blackholes += count
+
+    def fail_boot(self, instance_id: Optional[str] = None, *, count: int = 1) -> None:
+        """Boot scripts that fail: the machine's Python is broken, so the script's own
+        error path runs (it should write ``failed`` and log why).
+
+        Args:
+            instance_id: that instance, which must not have booted yet.
+            count: without an id, the next ``count`` machines to boot.
+
+        Raises:
+            FakeVMError: the instance's machine has already booted.
+        """
+        with self._lock:
+            if instance_id is None:
+                self._pending_broken += count
+                return
+            if instance_id in self._machines:
+                raise FakeVMError(f"{instance_id} has booted already; call fail_boot(count=N)"
+                                  " before launching instead")
+            self._broken_ids.add(instance_id)
+
+    # --- botocore handlers of the cloud itself ------------------------------------------
+
+    def _guard(self, request: Any, **_: Any) -> None:
+        """``before-send``: refuse any request that is not for the moto server."""
+        url = str(request.url)
+        if self.endpoint_url and (url == self.endpoint_url
+                                  or url.startswith(self.endpoint_url + "/")):
+            return
+        self.offmachine_requests.append(url)
+        raise OffMachineRequestError(
+            f"refusing a request to {url}: in the local cloud every AWS call must go to "
+            f"{self.endpoint_url} (pass endpoint_url= and session= to every client)")
+
+    def _count_call(self, model: Any, context: dict[str, Any], **_: Any) -> None:
+        """``before-call`` (registered before the faults'): count it, note its region."""
+        region = str(context.get("client_region") or self._default_region)
+        with self._lock:
+            self.api_calls[(region, model.name)] += 1
+            if model.service_model.service_name == "ec2" and region not in self._regions:
+                self._regions.add(region)
+                self._poll_requested = True
+                self._wake.set()
+
+    def _after_launch(self, model: Any, **_: Any) -> None:
+        """``after-call``: launches and terminations make the watcher look at once."""
+        if model.name in _LAUNCH_OPERATIONS:
+            self._request_poll()
+
+    # --- the watcher ---------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        next_poll = 0.0
+        while not self._closing.is_set():
+            self._wake.wait(max(0.0, next_poll - time.monotonic()))
+            self._wake.clear()
+            if self._closing.is_set():
+                return
+            # A finished boot script frees a boot slot: that needs no look at moto.
+            self._start_boots()
+            with self._lock:
+                requested, self._poll_requested = self._poll_requested, False
+            if not requested and time.monotonic() < next_poll:
+                continue
+            next_poll = time.monotonic() + self.poll_interval
+            try:
+                due = self._poll_once()
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+                    OSError) as exc:
+                # moto busy or restarting: try again on the next poll.
+                log.warning("local cloud watcher: polling moto failed: %s", exc)
+                continue
+            if due is not None:
+                # Come back when the next scheduled power-off is due, not a poll later.
+                next_poll = min(next_poll, due)
+
+    def _request_poll(self) -> None:
+        """Make the watcher look at moto now (after a launch, a terminate, a power-off)."""
+        with self._lock:
+            self._poll_requested = True
+        self._wake.set()
+
+    def _poll_once(self) -> Optional[float]:
+        """One look at moto: adopt new instances, stop gone ones, run due power-offs.
+
+        Returns:
+            When the next scheduled power-off or reclaim is due (monotonic), or None.
+        """
+        seen: dict[str, tuple[str, dict[str, Any]]] = {}
+        for region in self.regions:
+            for inst in self.instances(region):
+                seen[inst["InstanceId"]] = (region, inst)
+        to_stop: list[_Machine] = []
+        with self._lock:
+            known = dict(self._machines)
+        for instance_id, (region, inst) in seen.items():
+            state = inst["State"]["Name"]
+            machine = known.get(instance_id)
+            if machine is None:
+                if state in ("pending", "running"):
+                    self._adopt(region, inst)
+                continue
+            if state in _GONE_STATES and not machine.gone:
+                machine.gone = True
+                to_stop.append(machine)
+        now = time.monotonic()
+        for instance_id, machine in known.items():
+            if machine.gone:
+                continue
+            machine.vm.poll()
+            if instance_id not in seen:  # moto was reset under us
+                machine.gone = True
+                to_stop.append(machine)
+            elif machine.poweroff_at is not None and now >= machine.poweroff_at:
+                self._power_off(machine)
+                to_stop.append(machine)
+            elif machine.reclaim_at is not None and now >= machine.reclaim_at:
+                log.info("reclaiming spot instance %s", instance_id)
+                self.client(machine.region).terminate_instances(InstanceIds=[instance_id])
+                machine.gone = True
+                to_stop.append(machine)
+        if to_stop:
+            self._stop_machines([m.vm for m in to_stop])
+        deadlines = [t for m in known.values() if not m.gone
+                     for t in (m.poweroff_at, m.reclaim_at) if t is not None]
+        return min(deadlines) if deadlines else None
+
+    def _adopt(self, region: str, inst: dict[str, Any]) -> None:
+        instance_id = inst["InstanceId"]
+        ec2 = self.client(region)
+        user_data = ec2.describe_instance_attribute(InstanceId=instance_id,
+                                                    Attribute="userData")
+        raw = user_data.get("UserData", {}).get("Value")
+        behavior = ec2.describe_instance_attribute(
+            InstanceId=instance_id, Attribute="instanceInitiatedShutdownBehavior")
+        host, port = self.address_for(instance_id)
+        spec = VMSpec(
+            instance_id=instance_id,
+            user_data=base64.b64decode(raw) if raw else b"",
+            host=host, port=port, region=region,
+            zone=inst.get("Placement", {}).get("AvailabilityZone", ""),
+            instance_type=inst.get("InstanceType", ""),
+            shutdown_behavior=behavior.get("InstanceInitiatedShutdownBehavior", {}).get(
+                "Value", "stop"))
+        with self._lock:
+            broken = instance_id in self._broken_ids or self._pending_broken > 0
+            if instance_id not in self._broken_ids and self._pending_broken > 0:
+                self._pending_broken -= 1
+            self._broken_ids.discard(instance_id)
+            blackholed = self._pending_blackholes > 0
+            if blackholed:
+                self._pending_blackholes -= 1
+            vm = FakeVM(self._require_host(), spec, broken=broken, blackholed=blackholed)
+            self._machines[instance_id] = _Machine(vm=vm, region=region)
+            self._adopted.notify_all()
+        log.info("instance %s (%s, %s) boots as a fake VM at %s:%d%s%s", instance_id,
+                 spec.instance_type, spec.zone, host, port,
+                 " [boot will fail]" if broken else "", " [blackholed]" if blackholed else "")
+        with self._lock:
+            self._boot_queue.append(vm)
+        self._start_boots()
+
+    def _start_boots(self) -> bool:
+        """Power on queued machines while fewer than ``max_concurrent_boots`` boot.
+
+        Returns:
+            Whether machines are still waiting for their turn.
+        """
+        with self._lock:
+            booting = sum(1 for m in self._machines.values() if m.vm.boot_running)
+            chosen = []
+            while self._boot_queue and booting + len(chosen) < self.max_concurrent_boots:
+                vm = self._boot_queue.popleft()
+                if vm.state == "created":  # not terminated while it waited
+                    chosen.append(vm)
+            waiting = bool(self._boot_queue)
+        for vm in chosen:
+            try:
+                vm.boot()
+            except (OSError, FakeVMError) as exc:
+                log.error("fake VM %s could not power on: %s", vm.id, exc)
+                continue
+            # One waiter per running boot script (at most max_concurrent_boots): its end
+            # frees a boot slot at once, without polling.
+            waiter = threading.Thread(target=self._wait_boot, args=(vm,),
+                                      name=f"localcloud-boot-{vm.id}", daemon=True)
+            with self._lock:
+                self._boot_waiters = [t for t in self._boot_waiters if t.is_alive()]
+                self._boot_waiters.append(waiter)
+            waiter.start()
+        return waiting
+
+    def _wait_boot(self, vm: FakeVM) -> None:
+        # Ends when the script ends (or the machine is stopped), or when it has held its
+        # boot slot for long enough.
+        vm.wait_boot(BOOT_SLOT_SECONDS)
+        self._wake.set()
+
+    def _power_off(self, machine: _Machine) -> None:
+        """A machine turned itself off: EC2 terminates (or stops) its instance."""
+        ec2 = self.client(machine.region)
+        instance_id = machine.vm.id
+        log.info("instance %s powered itself off (%s)", instance_id,
+                 machine.vm.spec.shutdown_behavior)
+        if machine.vm.spec.shutdown_behavior == "terminate":
+            ec2.terminate_instances(InstanceIds=[instance_id])
+        else:
+            ec2.stop_instances(InstanceIds=[instance_id])
+        machine.gone = True
+
+    def _stop_machines(self, vms: list[FakeVM]) -> None:
+        stop_machines(vms)
+
+    # --- requests from inside machines --------------------------------------------------
+
+    def _on_machine_request(self, marker: str, root: str, command: str,
+                            args: list[str]) -> str:
+        with self._lock:
+            machine = next((m for m in self._machines.values()
+                            if m.vm.marker == marker or (root and str(m.vm.root) == root)),
+                           None)
+        if machine is None:
+            raise FakeVMError(f"no machine {marker or root!r} in this cloud")
+        if command == "sshd-reload":
+            return machine.vm.reload_sshd()
+        if command == "poweroff":
+            delay = float(args[0]) if args else 0.0
+            with self._lock:
+                machine.poweroff_at = time.monotonic() + delay
+            self._request_poll()
+            return f"powering off in {delay:g}s" if delay else "powering off"
+        if command == "cancel-poweroff":
+            with self._lock:
+                machine.poweroff_at = None
+            return "power-off cancelled"
+        if command == "reboot":
+            raise FakeVMError("a fake VM cannot reboot")
+        raise FakeVMError(f"unknown request {command!r}")
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _require_host(self) -> FakeVMHost:
+        if self._host is None:
+            raise FakeVMError("the local cloud is not started: use it as a context manager")
+        return self._host
+
+    def _allocate_address(self) -> tuple[str, int]:
+        """A fresh loopback address whose port 22 is free (else a free port on it)."""
+        for _ in range(256):
+            index = self._next_address
+            self._next_address += 1
+            host = str(ipaddress.IPv4Address(f"127.{self._net}.0.0") + 256 * (index // 250)
+                       + index % 250 + 1)
+            if _bindable(host, 22):
+                return host, 22
+        # Port 22 is not ours to use (not root, or another server owns it everywhere).
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return host, int(s.getsockname()[1])
+
+    def _isolate_environment(self) -> None:
+        """Fake credentials and the moto endpoint for every client made while open."""
+        values = {
+            "AWS_ACCESS_KEY_ID": FAKE_CREDENTIALS["aws_access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": FAKE_CREDENTIALS["aws_secret_access_key"],
+            "AWS_SESSION_TOKEN": FAKE_CREDENTIALS["aws_session_token"],
+            "AWS_DEFAULT_REGION": self._default_region,
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONFIG_FILE": str(self.workdir / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(self.workdir / "no-aws-credentials"),
+            "AWS_PROFILE": None,
+        }
+        for key, value in values.items():
+            self._saved_env[key] = os.environ.get(key)
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    def _restore_environment(self) -> None:
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_env.clear()
+
+    def _start_index(self, root: Path) -> None:
+        cloud = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, directory=str(root), **kwargs)
+
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                if self.path.endswith(".whl"):
+                    with cloud._lock:
+                        cloud.wheel_requests += 1
+                super().do_GET()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("index: " + format, *args)
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        self._http = server
+        self._http_thread = threading.Thread(target=server.serve_forever,
+                                             name="localcloud-index", daemon=True)
+        self._http_thread.start()
+        port = server.server_address[1]
+        self.index_url = f"http://127.0.0.1:{port}/simple/"
+        self.find_links = f"http://127.0.0.1:{port}/files/"
+
+    def _tool_dirs(self) -> list[str]:
+        if not self._vm_tools:
+            return []
+        tools = self.workdir / "tools"
+        tools.mkdir(exist_ok=True)
+        for name in self._vm_tools:
+            found = _real_tool(name)
+            if found is None:
+                raise FakeVMError(f"vm_tools: no {name!r} on this computer")
+            link = tools / name
+            if not link.exists():
+                link.symlink_to(found)
+        return [str(tools)]
+
+
+class _QuietMotoServer(ThreadedMotoServer):
+    """moto's threaded server without a log line per request (they drown test logs)."""
+
+    def _server_entry(self) -> None:
+        from moto.server import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import WSGIRequestHandler, make_server
+
+        class Quiet(WSGIRequestHandler):
+            def log_request(self, *args: Any, **kwargs: Any) -> None:
+                return
+
+        app = DomainDispatcherApplication(create_backend_app)
+        self._server = make_server(self._ip_address, self._port, app, True,
+                                   request_handler=Quiet)
+        self._server_ready_event.set()
+        self._server.serve_forever()
+
+
+# --- the machines' package index -------------------------------------------------------
+
+# Built vmexec wheels by source digest: every cloud of one test run shares one build.
+_BUILT: dict[str, Path] = {}
+_BUILD_LOCK = threading.Lock()
+
+
+def build_wheelhouse(dest: Path, extra: Iterable[str] = ()) -> list[Path]:
+    """Fill ``dest`` with the wheels a machine needs and a PEP 503 index of them.
+
+    vmexec is built from this checkout (``uv build``, else ``pip wheel``; about a second,
+    once per process and source state). Its runtime requirements, the agent's
+    (cloudpickle, psutil) and ``extra`` are served with their whole dependency closure,
+    repacked from the distributions installed in this interpreter: offline, the client's
+    exact versions, once per process (about 2 s, mostly cryptography's 14 MB; a boot
+    script that installs vmexec with ``--no-deps`` needs only the agent's two).
+
+    Layout: ``dest/files/*.whl`` (a flat find-links page) and ``dest/simple/<name>/``.
+
+    Args:
+        dest: the directory (created).
+        extra: more installed distributions to serve.
+
+    Returns:
+        The wheel files.
+
+    Raises:
+        FakeVMError: vmexec cannot be built, or a distribution is not installed.
+    """
+    files = dest / "files"
+    files.mkdir(parents=True, exist_ok=True)
+    vmexec_wheel = _build_vmexec(files)
+    with zipfile.ZipFile(vmexec_wheel) as zf:
+        metadata = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        requires = [line.split(":", 1)[1].strip()
+                    for line in zf.read(metadata).decode().splitlines()
+                    if line.startswith("Requires-Dist:")]
+    wheels = [vmexec_wheel]
+    for name in requirement_closure([*requires, *AGENT_REQUIREMENTS, *extra]):
+        cached = _repacked(name)
+        target = files / cached.name
+        shutil.copyfile(cached, target)
+        wheels.append(target)
+    simple = dest / "simple"
+    simple.mkdir(exist_ok=True)
+    projects = collections.defaultdict(list)
+    for wheel in wheels:
+        projects[_normalize(wheel.name.split("-")[0])].append(wheel)
+    links = []
+    for project, project_wheels in sorted(projects.items()):
+        (simple / project).mkdir(exist_ok=True)
+        anchors = "".join(
+            f'<a href="../../files/{w.name}#sha256={_sha256(w)}">{w.name}</a><br>\n'
+            for w in project_wheels)
+        (simple / project / "index.html").write_text(
+            f"<!DOCTYPE html><html><body>\n{anchors}</body></html>\n")
+        links.append(f'<a href="{project}/">{project}</a><br>\n')
+    (simple / "index.html").write_text(
+        "<!DOCTYPE html><html><body>\n" + "".join(links) + "</body></html>\n")
+    return wheels
+
+
+def requirement_closure(requirements: Iterable[str]) -> list[str]:
+    """Installed distributions needed to satisfy ``requirements`` here, dependencies
+    included (markers evaluated for this interpreter, extras not followed).
+
+    Raises:
+        FakeVMError: a needed distribution is not installed.
+    """
+    from packaging.requirements import Requirement
+
+    seen: dict[str, str] = {}
+    todo = list(requirements)
+    while todo:
+        req = Requirement(todo.pop())
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        key = _normalize(req.name)
+        if key in seen:
+            continue
+        try:
+            dist = importlib.metadata.distribution(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            raise FakeVMError(f"{req.name} (needed by the machines) is not installed here: "
+                              "the local cloud serves the client's own versions") from None
+        seen[key] = dist.metadata["Name"]
+        todo.extend(dist.requires or [])
+    return sorted(seen.values(), key=_normalize)
+
+
+# Repacked wheels by (name, version), for the whole process.
+_REPACKED: dict[tuple[str, str], Path] = {}
+# The process's wheel cache directory (made on first use, removed at exit).
+_CACHE_DIR: list[Path] = []
+
+
+def _cache_dir() -> Path:
+    """The directory where this process keeps built and repacked wheels. Lock held."""
+    if not _CACHE_DIR or not _CACHE_DIR[0].exists():
+        path = Path(tempfile.mkdtemp(prefix="vmexec-localcloud-wheels-"))
+        # Caches outlive clouds (one build per test run), not the process.
+        atexit.register(shutil.rmtree, path, True)
+        _CACHE_DIR[:] = [path]
+    return _CACHE_DIR[0]
+
+
+def _repacked(name: str) -> Path:
+    version = importlib.metadata.version(name)
+    with _BUILD_LOCK:
+        cached = _REPACKED.get((name, version))
+        if cached is not None and cached.exists():
+            return cached
+        repacked = _cache_dir() / "repacked"
+        repacked.mkdir(exist_ok=True)
+        wheel = repack_installed(name, repacked)
+        _REPACKED[(name, version)] = wheel
+        return wheel
+
+
+def _build_vmexec(dest: Path) -> Path:
+    source = Path(__file__).resolve().parents[2]
+    if not (source / "pyproject.toml").exists():
+        raise FakeVMError(f"cannot build vmexec: no pyproject.toml in {source} (the local "
+                          "cloud serves the vmexec of a source checkout)")
+    digest = _tree_digest(source)
+    with _BUILD_LOCK:
+        built = _BUILT.get(digest)
+        if built is None or not built.exists():
+            built = _build_from_copy(source)
+            _BUILT[digest] = built
+    target = dest / built.name
+    shutil.copyfile(built, target)
+    return target
+
+
+def _build_from_copy(source: Path) -> Path:
+    # Build from a copy: setuptools writes build/ and *.egg-info into the tree it
+    # builds, and other people and processes use this checkout at the same time.
+    out = Path(tempfile.mkdtemp(prefix="build-", dir=_cache_dir()))
+    tree = out / "src"
+    tree.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE", "setup.cfg", "setup.py"):
+        if (source / name).exists():
+            shutil.copy2(source / name, tree / name)
+    shutil.copytree(source / "vmexec", tree / "vmexec",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    uv = _real_tool("uv")
+    if uv is not None:
+        cmd = [uv, "build", "--wheel", "--out-dir", str(out), str(tree)]
+    else:
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), str(tree)]
+    started = time.monotonic()
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    shutil.rmtree(tree, ignore_errors=True)
+    wheels = list(out.glob("vmexec-*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise FakeVMError(f"building the vmexec wheel failed ({' '.join(cmd)}):\n"
+                          f"{result.stderr[-3000:]}")
+    log.info("built %s in %.1fs", wheels[0].name, time.monotonic() - started)
+    return wheels[0]
+
+
+def repack_installed(name: str, dest: Path) -> Path:
+    """Rebuild the wheel of installed distribution ``name`` from its installed files.
+
+    Args:
+        name: the distribution.
+        dest: the directory to write the wheel in.
+
+    Returns:
+        The wheel file (its tags are those recorded in the installed ``WHEEL`` file).
+
+    Raises:
+        FakeVMError: it is not installed, was not installed from a wheel, or is an
+            editable install.
+    """
+    try:
+        dist = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        raise FakeVMError(f"{name} is not installed here: the local cloud serves the "
+                          "client's own versions (pip install it)") from None
+    wheel_meta = dist.read_text("WHEEL")
+    if not wheel_meta or dist.read_text("direct_url.json") and '"editable": true' in \
+            (dist.read_text("direct_url.json") or ""):
+        raise FakeVMError(f"{name} was not installed from a wheel; cannot serve it")
+    tags = [line.split(":", 1)[1].strip() for line in wheel_meta.splitlines()
+            if line.startswith("Tag:")]
+    pythons, abis, platforms = (".".join(dict.fromkeys(t.split("-")[i] for t in tags))
+                                for i in range(3))
+    dist_name = re.sub(r"[-_.]+", "_", dist.metadata["Name"])
+    info_dir = f"{dist_name}-{dist.version}.dist-info"
+    wheel_path = dest / f"{dist_name}-{dist.version}-{pythons}-{abis}-{platforms}.whl"
+    console = {ep.name for ep in dist.entry_points if ep.group in ("console_scripts",
+                                                                   "gui_scripts")}
+    record: list[str] = []
+    installed_info = None
+    with zipfile.ZipFile(wheel_path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for file in dist.files or []:
+            rel = str(file)
+            parts = Path(rel).parts
+            if "__pycache__" in parts or rel.endswith(".pyc"):
+                continue
+            if parts[0].endswith(".dist-info"):
+                installed_info = parts[0]
+                if parts[-1] in ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json"):
+                    continue
+                arcname = "/".join((info_dir, *parts[1:]))
+            elif parts[0] == "..":
+                # Installed scripts (e.g. uv's binary): console scripts are regenerated by
+                # the installer from entry_points.txt; real files travel as data.
+                if Path(rel).name in console or "bin" not in parts:
+                    continue
+                arcname = f"{dist_name}-{dist.version}.data/scripts/{Path(rel).name}"
+            else:
+                arcname = rel
+            path = Path(str(file.locate()))
+            if not path.is_file():
+                continue
+            data = path.read_bytes()
+            info = zipfile.ZipInfo(arcname, date_time=(2020, 1, 1, 0, 0, 0))
+            info.external_attr = (path.stat().st_mode & 0o777) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, data)
+            record.append(f"{arcname},sha256={_urlsafe_digest(data)},{len(data)}")
+        record.append(f"{info_dir}/RECORD,,")
+        zf.writestr(f"{info_dir}/RECORD", "\n".join(record) + "\n")
+    if installed_info is None:
+        raise FakeVMError(f"{name}: its installed files list no .dist-info; cannot serve it")
+    return wheel_path
+
+
+# --- small helpers ---------------------------------------------------------------------
+
+def _region_of(context: dict[str, Any]) -> str:
+    return str(context.get("client_region") or "")
+
+
+def _reset_moto(endpoint_url: str) -> None:
+    import urllib.request
+
+    request = urllib.request.Request(f"{endpoint_url}/moto-api/reset", method="POST")
+    # The moto server is on 127.0.0.1: never through a proxy.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=30) as response:
+        response.read()
+
+
+def _has_tag(resource: dict[str, Any], key: str) -> bool:
+    return any(t.get("Key") == key for t in resource.get("Tags", []))
+
+
+def _template_zone(data: dict[str, Any]) -> Optional[str]:
+    zone = data.get("Placement", {}).get("AvailabilityZone")
+    return str(zone) if zone else None
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _real_tool(name: str) -> Optional[str]:
+    """The real binary of ``name`` (not a pyenv/asdf shim script that needs its env)."""
+    if name == "uv":
+        try:
+            import uv as uv_module  # the uv distribution ships its binary
+
+            found = uv_module.find_uv_bin()
+            return os.path.realpath(found)
+        except (ImportError, FileNotFoundError):
+            pass
+    found = shutil.which(name)
+    return os.path.realpath(found) if found else None
+
+
+def _tree_digest(source: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted((source / "vmexec").rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            h.update(str(path.relative_to(source)).encode())
+            h.update(path.read_bytes())
+    h.update((source / "pyproject.toml").read_bytes())
+    return h.hexdigest()
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _urlsafe_digest(data: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
