@@ -32,6 +32,9 @@ EXPECTED = {
     "asyncio_gather": "8 requests served",
     "emcee_sampler": "acceptance",
     "progress_bar": "longest chain below 20,000: 278 steps (map agrees: 278)",
+    "mixed_arch_two_regions": "running cost so far: $",
+    "gpu_type": "GPUs: ",
+    "compare_types": "(speed-up against the cheapest: c7g.large",
 }
 
 

@@ -51,7 +51,14 @@ from typing import Any, Callable, Iterable, Optional
 
 import psutil
 
-from vmexec.testing.sshd import _config_ok, _read_banner, _tail, find_sshd, sshd_available
+from vmexec.testing.sshd import (
+    COMMON_CONFIG,
+    config_ok,
+    find_sshd,
+    read_banner,
+    sshd_available,
+    tail,
+)
 
 __all__ = [
     "FakeVM",
@@ -304,7 +311,7 @@ class FakeVMHost:
         _keygen(key)
         probe.write_text(f"HostKey {key}\nListenAddress 127.0.0.1\nPerSourcePenalties no\n")
         try:
-            return _config_ok(self.sshd_path, probe)
+            return config_ok(self.sshd_path, probe)
         finally:
             probe.unlink()
 
@@ -633,18 +640,8 @@ class FakeVM:
             # The machine's own authorized_keys, as the boot script wrote them.
             f"AuthorizedKeysFile {self.root}/root/.ssh/authorized_keys "
             f"{self.root}/home/%u/.ssh/authorized_keys",
-            "PubkeyAuthentication yes",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
+            *COMMON_CONFIG,
             "PermitRootLogin prohibit-password",
-            "UsePAM no",
-            # The machine's root lives under /tmp, which StrictModes rejects.
-            "StrictModes no",
-            "UseDNS no",
-            "PrintMotd no",
-            "PrintLastLog no",
-            "X11Forwarding no",
-            "LogLevel VERBOSE",
             "MaxStartups 100",
             "LoginGraceTime 30",
             # Sessions run inside the machine: its PATH (shims first), its root, its marker.
@@ -676,8 +673,8 @@ class FakeVM:
             if proc.poll() is not None:
                 raise FakeVMError(
                     f"sshd of {self.id} exited with status {proc.returncode}; its log says:\n"
-                    f"{_tail(log_path.read_text(errors='replace'))}")
-            banner = _read_banner(self.spec.host, self.spec.port,
+                    f"{tail(log_path.read_text(errors='replace'))}")
+            banner = read_banner(self.spec.host, self.spec.port,
                                   max(0.05, deadline - time.monotonic()))
             if isinstance(banner, bytes) and banner.startswith(b"SSH-"):
                 return

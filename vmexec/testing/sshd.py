@@ -36,12 +36,29 @@ from typing import Mapping, Optional, Union
 
 import psutil
 
-__all__ = ["SSHServer", "SSHServerError", "sshd_available", "find_sshd", "free_port"]
+__all__ = ["SSHServer", "SSHServerError", "sshd_available", "find_sshd", "free_port",
+           "COMMON_CONFIG", "read_banner", "config_ok", "tail"]
 
 log = logging.getLogger(__name__)
 
 #: Seconds ``SSHServer`` waits for sshd to answer before giving up.
 START_TIMEOUT = 15.0
+
+#: sshd_config lines every test sshd shares (also the local cloud's fake VMs): key
+#: logins only, no PAM (rarely set up in containers), no StrictModes (work directories
+#: live under /tmp), no DNS, banners or X11.
+COMMON_CONFIG = (
+    "PubkeyAuthentication yes",
+    "PasswordAuthentication no",
+    "KbdInteractiveAuthentication no",
+    "UsePAM no",
+    "StrictModes no",
+    "UseDNS no",
+    "PrintMotd no",
+    "PrintLastLog no",
+    "X11Forwarding no",
+    "LogLevel VERBOSE",
+)
 
 
 class SSHServerError(RuntimeError):
@@ -240,19 +257,9 @@ class SSHServer:
             f"HostKey {self.host_key}",
             f"PidFile {self.workdir / 'sshd.pid'}",
             f"AuthorizedKeysFile {self.authorized_keys}",
-            "PubkeyAuthentication yes",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            # Test containers run as root; PAM is usually not set up in them.
+            *COMMON_CONFIG,
+            # Test containers run as root.
             "PermitRootLogin yes",
-            "UsePAM no",
-            # The work directory lives under /tmp, which StrictModes rejects.
-            "StrictModes no",
-            "UseDNS no",
-            "PrintMotd no",
-            "PrintLastLog no",
-            "X11Forwarding no",
-            "LogLevel VERBOSE",
             # Tests open many connections at once, including deliberately failing ones.
             "MaxStartups 200",
             "MaxSessions 100",
@@ -267,7 +274,7 @@ class SSHServer:
         # then lock 127.0.0.1 out. Older versions reject the option, so probe it.
         probe = self.config_path.with_suffix(".probe")
         probe.write_text(self.config_path.read_text() + "PerSourcePenalties no\n")
-        if _config_ok(self.sshd_path, probe):
+        if config_ok(self.sshd_path, probe):
             self.config_path.write_text(probe.read_text())
         probe.unlink()
         checked = subprocess.run(
@@ -302,9 +309,9 @@ class SSHServer:
                 self.stop()
                 raise SSHServerError(
                     f"sshd exited with status {proc.returncode} on {self.host}:{self.port}"
-                    f"; its log says:\n{_tail(self.log_text())}"
+                    f"; its log says:\n{tail(self.log_text())}"
                 )
-            banner = _read_banner(self.host, self.port, max(0.05, deadline - time.monotonic()))
+            banner = read_banner(self.host, self.port, max(0.05, deadline - time.monotonic()))
             if isinstance(banner, bytes) and banner.startswith(b"SSH-"):
                 log.debug("sshd %s is up: %r", self.host_string, banner.strip())
                 return
@@ -317,11 +324,11 @@ class SSHServer:
         self.stop()
         raise SSHServerError(
             f"sshd on {self.host}:{self.port} did not answer with an SSH banner within "
-            f"{START_TIMEOUT:g} s ({last_error}); its log says:\n{_tail(self.log_text())}"
+            f"{START_TIMEOUT:g} s ({last_error}); its log says:\n{tail(self.log_text())}"
         )
 
 
-def _read_banner(host: str, port: int, timeout: float) -> Union[bytes, str]:
+def read_banner(host: str, port: int, timeout: float) -> Union[bytes, str]:
     try:
         with socket.create_connection((host, port), timeout=min(timeout, 2.0)) as s:
             data = b""
@@ -335,7 +342,7 @@ def _read_banner(host: str, port: int, timeout: float) -> Union[bytes, str]:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _config_ok(sshd: str, path: Path) -> bool:
+def config_ok(sshd: str, path: Path) -> bool:
     result = subprocess.run([sshd, "-t", "-f", str(path)], capture_output=True, timeout=30)
     return result.returncode == 0
 
@@ -347,7 +354,7 @@ def _run(cmd: list[str]) -> None:
         raise SSHServerError(f"{' '.join(cmd)} failed: {exc.stderr.strip()}") from exc
 
 
-def _tail(text: str, lines: int = 30) -> str:
+def tail(text: str, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(empty)"
 
 

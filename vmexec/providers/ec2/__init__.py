@@ -349,7 +349,10 @@ class EC2Provider(Provider):
         self.session = session
         #: Prices for the plan's $/h and the cost receipt (live where the account
         #: allows, else the bundled table; see ``vmexec.guardrails.pricing``).
-        self.prices = PriceBook(session=session, endpoint_url=endpoint_url)
+        # A custom endpoint (a mirror of EC2, or moto in tests) has no AWS Price List
+        # behind it: use the bundled, dated table rather than asking it.
+        self.prices = PriceBook(session=session, endpoint_url=endpoint_url,
+                                live=endpoint_url is None)
         if session.get_credentials() is None:
             raise ConfigError(
                 "no AWS credentials found: configure them (`aws configure`, AWS_PROFILE, "

@@ -227,6 +227,10 @@ printf '%s\n' "$R/opt/vmexec/venv/bin/python -m vmexec.agent" >"$STATE/agent-pat
 echo $$ >"$STATE/deadman.pid"  # a harness stops the loop by this pid
 start=$(cat "$STATE/boot-time" 2>/dev/null || date +%s)
 agent_running() {{
+  if command -v pgrep >/dev/null 2>&1; then  # one process, not two per /proc entry
+    pgrep -f -- "$(cat "$STATE/agent-pattern")" >/dev/null
+    return
+  fi
   for f in /proc/[0-9]*/cmdline; do
     tr '\0' ' ' <"$f" 2>/dev/null | grep -qF -f "$STATE/agent-pattern" && return 0
   done
