@@ -246,7 +246,8 @@ class FakeVMHost:
     """
 
     def __init__(self, workdir: Path, control_socket: str, marker_prefix: str, *,
-                 distro_sshd: bool = True, extra_path: Iterable[str] = ()) -> None:
+                 distro_sshd: bool = True, extra_path: Iterable[str] = (),
+                 machine_env: Optional[dict[str, str]] = None) -> None:
         reason = sshd_available()
         if reason is not None:
             raise FakeVMError(reason)
@@ -259,6 +260,9 @@ class FakeVMHost:
         self.python_dir = workdir / "python"
         self.broken_dir = workdir / "broken"
         self.extra_path = [str(p) for p in extra_path]
+        # Extra variables in every machine's sessions, e.g. a UV_CACHE_DIR shared by all
+        # machines to model an image whose package cache is already warm.
+        self.machine_env = dict(machine_env or {})
         self.vms_dir = workdir / "vms"
         for d in (self.shim_dir, self.python_dir, self.broken_dir, self.vms_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -627,6 +631,7 @@ class FakeVM:
             "HTTPS_PROXY": _NO_INTERNET_PROXY,
             "no_proxy": "127.0.0.1,localhost",
             "NO_PROXY": "127.0.0.1,localhost",
+            **self.host.machine_env,
         }
 
     def _write_sshd_config(self, host_key: Path) -> Path:
