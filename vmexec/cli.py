@@ -644,6 +644,13 @@ def compare_command(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``vmexec`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["env"]:
+        # `vmexec env` has its own parser (vmexec.environment.capture): hand it every
+        # option untouched, `--json` and `--preflight` included.
+        from vmexec.environment.capture import main as env_main
+
+        return env_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
