@@ -52,3 +52,4 @@ def test_keepalive_turns_an_idle_local_cloud_fleet_off():
             assert ex.fleet == []
             assert ex.submit(pow, 3, 2).result(timeout=180) == 9  # and it grows back
         assert cloud.tagged_resources() == []
+

@@ -153,7 +153,10 @@ class BootSpec:
         index_url: a package index (mirror) instead of PyPI.
         find_links: wheel folders/URLs; without ``index_url`` the install is offline
             (``--no-index``).
-        heartbeat_grace: seconds without an agent after which the machine powers off.
+        heartbeat_grace: seconds without an agent, before the first agent ran (boot and
+            install), after which the machine powers off.
+        agent_grace: seconds without an agent *after* one ran (its client is gone: it
+            was killed, or lost its network) after which the machine powers off.
         max_lifetime: seconds after boot at which it powers off anyway (0: never).
         env: extra ``export`` lines at the top (the harness's settings, mirrors' tokens
             are NOT meant for this: user-data is readable on the machine).
@@ -174,6 +177,7 @@ class BootSpec:
     index_url: Optional[str] = None
     find_links: tuple[str, ...] = ()
     heartbeat_grace: int = 1800
+    agent_grace: int = 300
     max_lifetime: int = 0
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     environment_script: str = ""
@@ -217,11 +221,13 @@ step "fleet {fleet}: boot script started (VMEXEC_ROOT='$R')"
 date +%s >"$STATE/boot-time"
 touch "$STATE/heartbeat"
 
-# 1. Dead-man: power off when no agent has run for GRACE seconds, or after MAXLIFE.
+# 1. Dead-man: power off when no agent has run for GRACE seconds (AFTER seconds once an
+#    agent has run: its client is gone), or after MAXLIFE.
 cat >"$R/opt/vmexec/deadman.sh" <<'DEADMAN'
 #!/bin/bash
 R="${{VMEXEC_ROOT:-}}"; STATE="$R/var/lib/vmexec"; LOG="$R/var/log/vmexec-boot.log"
 GRACE={grace}; MAXLIFE={max_lifetime}; INTERVAL="${{VMEXEC_DEADMAN_INTERVAL:-30}}"
+AFTER="${{VMEXEC_DEADMAN_AFTER_AGENT:-{agent_grace}}}"; seen_agent=0
 # The agent's command line, in a file: as a grep argument it would match grep itself.
 printf '%s\n' "$R/opt/vmexec/venv/bin/python -m vmexec.agent" >"$STATE/agent-pattern"
 echo $$ >"$STATE/deadman.pid"  # a harness stops the loop by this pid
@@ -241,10 +247,11 @@ while true; do
   if [ "$MAXLIFE" -gt 0 ] && [ $((now - start)) -ge "$MAXLIFE" ]; then
     why="max_lifetime of ${{MAXLIFE}}s reached"; break
   fi
-  if agent_running; then touch "$STATE/heartbeat"; fi
+  if agent_running; then touch "$STATE/heartbeat"; seen_agent=1; fi
   last=$(stat -c %Y "$STATE/heartbeat" 2>/dev/null || echo "$start")
-  if [ $((now - last)) -ge "$GRACE" ]; then
-    why="no vmexec agent for ${{GRACE}}s"; break
+  limit="$GRACE"; [ "$seen_agent" = 1 ] && limit="$AFTER"
+  if [ $((now - last)) -ge "$limit" ]; then
+    why="no vmexec agent for ${{limit}}s"; break
   fi
   sleep "$INTERVAL"
 done
@@ -379,6 +386,7 @@ def render_userdata(spec: BootSpec) -> str:
         fleet=spec.fleet_id,
         exports=exports or "# (no boot_env)",
         grace=int(spec.heartbeat_grace),
+        agent_grace=int(spec.agent_grace),
         max_lifetime=int(spec.max_lifetime),
         host_private=_q(spec.host_private_key.strip()),
         host_public=_q(spec.host_public_key.strip()),
