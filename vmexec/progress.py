@@ -31,6 +31,8 @@ class Progress:
         self._lock = threading.Lock()
         self.total = self.done = self.failed = self.retried = 0
         self.machines_requested = self.machines_ready = 0
+        # ready machines per (region, architecture), for fleets that span them
+        self.ready_by_group: dict[str, int] = {}
         self._bar: Any = None
         self._file = file
         self._enabled = _interactive() if enabled is None else enabled
@@ -59,8 +61,13 @@ class Progress:
         if bar.total != self.total:
             bar.total = self.total
         bar.n = self.done
+        groups = ""
+        if len(self.ready_by_group) > 1 or any(self.ready_by_group) and \
+                next(iter(self.ready_by_group)) != "":
+            groups = " (" + ", ".join(f"{g} {n}" for g, n in sorted(self.ready_by_group.items())
+                                      if g) + ")"
         bar.set_postfix_str(
-            f"machines {self.machines_ready}/{self.machines_requested}"
+            f"machines {self.machines_ready}/{self.machines_requested}{groups}"
             + (f", failed {self.failed}" if self.failed else "")
             + (f", retried {self.retried}" if self.retried else ""), refresh=False)
         bar.refresh()
@@ -81,10 +88,13 @@ class Progress:
             self.retried += 1
             self._draw()
 
-    def machines(self, requested: int = 0, ready: int = 0) -> None:
+    def machines(self, requested: int = 0, ready: int = 0, group: str = "") -> None:
+        """Count machines asked for, and ready ones (``group``: "region arch")."""
         with self._lock:
             self.machines_requested += requested
             self.machines_ready += ready
+            if ready:
+                self.ready_by_group[group] = self.ready_by_group.get(group, 0) + ready
             self._draw()
 
     def close(self) -> None:

@@ -522,7 +522,9 @@ class Scheduler:
             self._wake.notify()
         if machine is None:
             return
-        self.progress.machines(ready=1)
+        group = " ".join(part for part in (record.region, info.get("arch") or record.arch)
+                         if part) if record.region else ""
+        self.progress.machines(ready=1, group=group)
         machine.reader = threading.Thread(target=self._read_loop, args=(machine, reader),
                                           name=f"vmexec-reader-{record.label}", daemon=True)
         machine.reader.start()
