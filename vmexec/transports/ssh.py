@@ -180,6 +180,11 @@ class SSHTransport(Transport):
 
     def _remote_said(self) -> str:
         parts = []
+        if self._chan.exit_status_ready() and threading.current_thread() is not \
+                self._stderr_thread:
+            # The exit status can overtake the last stderr bytes (another thread reads
+            # them): give the reader a moment, so the message ends with the real cause.
+            self._stderr_thread.join(timeout=0.5)
         with self._stderr_lock:
             tail = bytes(self._stderr)
         if tail:
