@@ -583,17 +583,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _env_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("rest", nargs=argparse.REMAINDER,
-                        help="options of the environment capture (see `vmexec env -- --help`)")
+                        help="options of the environment capture (see `vmexec env --help`)")
 
 
+# Listed here for `vmexec --help`; main() hands `vmexec env ...` to the capture module's
+# own parser before this parser sees it, so its options (--json, --preflight) pass intact.
 @command("env", "show the Python environment the machines would reproduce", _env_arguments)
 def env(args: argparse.Namespace) -> int:
     from vmexec.environment.capture import main as env_main
 
-    rest = list(args.rest)
-    if rest[:1] == ["--"]:
-        rest = rest[1:]
-    return env_main(rest)
+    return env_main(list(args.rest))
 
 
 def _compare_arguments(parser: argparse.ArgumentParser) -> None:

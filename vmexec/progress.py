@@ -73,11 +73,15 @@ class Progress:
         bar.refresh()
 
     def tasks_added(self, count: int) -> None:
+        if not self._enabled:  # called on every submit: no lock when nothing is drawn
+            return
         with self._lock:
             self.total += count
             self._draw()
 
     def tasks_done(self, ok: int, failed: int) -> None:
+        if not self._enabled:
+            return
         with self._lock:
             self.done += ok + failed
             self.failed += failed
