@@ -16,6 +16,19 @@ from vmexec import VMExecutor
 from aws_fixtures import *  # noqa: F401,F403  (registers the AWS fixtures for every module)
 from vmexec.testing.sshd import SSHServer, sshd_available
 
+@pytest.fixture(autouse=True, scope="session")
+def _named_fleets_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory
+                                        ) -> Iterator[None]:
+    """Named fleets keep their keys in VMEXEC_FLEETS_DIR: never the user's ~/.cache."""
+    saved = os.environ.get("VMEXEC_FLEETS_DIR")
+    os.environ["VMEXEC_FLEETS_DIR"] = str(tmp_path_factory.mktemp("fleets"))
+    yield
+    if saved is None:
+        os.environ.pop("VMEXEC_FLEETS_DIR", None)
+    else:
+        os.environ["VMEXEC_FLEETS_DIR"] = saved
+
+
 # Tests run on machines shared with other jobs: keep failure detection quick but not
 # so tight that a busy CI box marks healthy machines lost.
 FAST_TIMING = dict(heartbeat_interval=0.5, heartbeat_timeout=20.0, watchdog_timeout=30.0)

@@ -145,6 +145,59 @@ def test_only_the_changed_artifact_changes(project: dict[str, Path], tmp_path: P
     assert first["code"].name != third["code"].name  # a new version: no stale uv cache
 
 
+def test_a_code_change_resyncs_only_the_code(project: dict[str, Path], tmp_path: Path) -> None:
+    """A machine that has the environment gets only the user's changed code reinstalled:
+    what a named fleet reused after an edit does (no new venv, no requirements)."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "geometry.py").write_text("def area(w, h):\n    return w * h\n")
+
+    def prepare(folder: str) -> PreparedEnvironment:
+        spec = dataclasses.replace(subset_spec(project), local_code=tuple(
+            capture(paths=[str(code)]).local_code))
+        resolutions = preflight(spec, ["x86_64"])
+        return PreparedEnvironment(spec, resolutions, build_artifacts(
+            spec, resolutions, str(tmp_path / folder), str(project["cache"])))
+
+    def area_on_machine() -> str:
+        ran = subprocess.run([str(root / "opt" / "vmexec" / "venv" / "bin" / "python"), "-c",
+                              "import geometry; print(geometry.area(2, 3))"],
+                             capture_output=True, text=True, cwd=str(tmp_path), timeout=60,
+                             env={"PATH": os.environ["PATH"]})
+        assert ran.returncode == 0, ran.stderr
+        return ran.stdout.strip()
+
+    first = prepare("one")
+    root = tmp_path / "machine"
+    installed = run_script(first.script(), root, PY=sys.executable)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    assert area_on_machine() == "6"
+    marker = root / "opt" / "vmexec" / "venv" / "made-by-the-first-install"
+    marker.write_text("")
+
+    # The same environment captured by another client (another capture time): kept.
+    later = dataclasses.replace(first.spec, captured_at=first.spec.captured_at + 60)
+    same = run_script(PreparedEnvironment(later, first.resolutions, first.artifacts).script(),
+                      root, PY=sys.executable)
+    assert same.returncode == 0 and "already installed" in same.stdout, same.stdout
+
+    (code / "geometry.py").write_text("def area(w, h):\n    return 2 * w * h\n")
+    second = prepare("two")
+    assert second.spec.base_hash == first.spec.base_hash
+    assert second.spec.content_hash != first.spec.content_hash
+    resynced = run_script(second.script(), root, PY=sys.executable)
+    assert resynced.returncode == 0, resynced.stdout + resynced.stderr
+    assert "only the local code changed" in resynced.stdout
+    assert "uv venv" not in resynced.stdout and marker.exists()  # the venv was kept
+    assert area_on_machine() == "12"
+    assert read_machine_hash(str(root)) == environment_hash(second.spec)
+
+    # A requirement change is not "only the code": the base differs, the venv is rebuilt.
+    more = dataclasses.replace(second.spec, distributions=(
+        *second.spec.distributions, Distribution("six", "1.16.0")))
+    assert more.base_hash != second.spec.base_hash
+
+
 def test_multi_arch_script_dispatches_on_uname(project: dict[str, Path], tmp_path: Path) -> None:
     spec = EnvSpec(python=".".join(map(str, sys.version_info[:3])), mode="requirements",
                    requirements=("cloudpickle",))

@@ -186,15 +186,7 @@ def _ec2_clients(args: argparse.Namespace) -> dict[str, Any]:
     Raises:
         ConfigError: no credentials, or boto3 missing.
     """
-    try:
-        import boto3
-    except ImportError:
-        raise ProviderNotAvailable("vmexec's AWS commands need boto3: "
-                                   "pip install 'vmexec[aws]'") from None
-    session = boto3.Session(profile_name=args.profile) if args.profile else boto3.Session()
-    if session.get_credentials() is None:
-        raise ConfigError("no AWS credentials found: configure them (`aws configure`, "
-                          "AWS_PROFILE, --profile)")
+    session = _aws_session(args)
     home = session.region_name or "us-east-1"
 
     def client(region: str) -> Any:
@@ -287,6 +279,19 @@ def cleanup(args: argparse.Namespace) -> int:
     summary = sweep({r: c for r, c in clients.items() if r in regions}, fleet=args.fleet,
                     older_than=args.older_than)
     print(f"\n{summary.text()}")
+    if args.fleet:
+        # A named fleet kept warm keeps its staged environment for its next run.
+        from vmexec.environment.stage import delete_staging
+
+        try:
+            deleted = delete_staging(_aws_session(args), sorted(regions), args.fleet,
+                                     endpoint_url=args.endpoint_url)
+        except VMExecError as exc:
+            print(f"staged artifacts of {args.fleet} not deleted: {exc} (the staging "
+                  "bucket's lifecycle rule expires them within a day)", file=sys.stderr)
+        else:
+            if any(deleted.values()):
+                print(f"deleted {sum(deleted.values())} staged object(s) of {args.fleet}")
     return 0 if summary.clean else 1
 
 

@@ -158,7 +158,8 @@ class SchedulerConfig:
             parameters = inspect.signature(provider_class.__init__).parameters
         except (TypeError, ValueError):
             return {}
-        return {name: getattr(self, name) for name in ("boot_timeout", "max_lifetime")
+        shared = ("boot_timeout", "max_lifetime", "keepalive")
+        return {name: getattr(self, name) for name in shared
                 if name in parameters and getattr(self, name) is not None}
 
 

@@ -314,6 +314,17 @@ class EnvSpec:
         """sha256 hex over ``hash_inputs()``: equal environments hash equal."""
         return _sha256_json(self.hash_inputs())
 
+    @property
+    def base_hash(self) -> str:
+        """sha256 hex over what is not the user's own pure-Python code: the Python, the
+        requirements, compiled local packages. Two environments with the same base differ
+        only in code a machine reinstalls in seconds (its local modules and pure local
+        packages); the install script then re-syncs just that."""
+        inputs = self.hash_inputs()
+        inputs.pop("code")
+        inputs["local"] = [entry for entry in inputs["local"] if entry[3]]  # compiled
+        return _sha256_json(inputs)
+
     # -- text --------------------------------------------------------------------------
     def text(self) -> str:
         """A printout for people (``vmexec env``): Python, distributions, local code."""

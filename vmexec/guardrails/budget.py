@@ -347,8 +347,17 @@ class CostMeter:
                     storage += self.storage_gb_per_machine * per_gb * secs / SECONDS_PER_MONTH
         return total + storage, rows, storage, unknown_storage
 
+    def _kept_cost(self, kept: Sequence[str], keepalive: float) -> float:
+        """What machines left running for ``keepalive`` seconds cost at most (known
+        prices only)."""
+        with self._lock:
+            groups = [self._machines[i].group for i in kept if i in self._machines]
+        prices = [self._price(group) for group in groups]
+        return sum(p.usd_per_hour for p in prices if p is not None) * keepalive / 3600.0
+
     def receipt(self, deleted: Optional[Mapping[str, int]] = None,
-                wall_seconds: Optional[float] = None, left: Optional[int] = None) -> str:
+                wall_seconds: Optional[float] = None, left: Optional[int] = None,
+                kept: Sequence[str] = (), keepalive: float = 0.0) -> str:
         """The cost summary at shutdown: one line, then the detail behind it.
 
         e.g. ``2000 machines (1000 c7g.large spot, 1000 c7i.large), 3m12s, ≈ $1.39,
@@ -360,6 +369,9 @@ class CostMeter:
             wall_seconds: how long the fleet ran (default: first start to last stop).
             left: resources still present after the teardown
                 (``len(TeardownSummary.remaining)``); omitted when None.
+            kept: ids of a named fleet's machines left running for reuse, and
+                ``keepalive`` the seconds they stay on without a client (not in the
+                total: the receipt says the most they can add).
 
         Returns:
             The first line is the summary; the following lines (indented) give
@@ -395,6 +407,10 @@ class CostMeter:
                  + (f" ({kinds})" if kinds else ""), format_duration(wall_seconds), money]
         if left is not None:
             parts.append(f"{left} resource{'s' if left != 1 else ''} left")
+        if kept:
+            parts.append(f"{len(kept)} machine{'s' if len(kept) != 1 else ''} kept warm "
+                         f"for {format_duration(keepalive)} (at most "
+                         f"≈ {format_usd(self._kept_cost(kept, keepalive))} more)")
         lines = [", ".join(parts)]
         for (itype, region, purchase), secs, price, usd in rows:
             if price is not None and price.source == "your own machine":
@@ -423,7 +439,8 @@ class CostMeter:
 # --- leftovers of earlier runs -------------------------------------------------------------
 
 def find_leftovers(session: Any, regions: Sequence[str],
-                   endpoint_url: Optional[str] = None) -> list[str]:
+                   endpoint_url: Optional[str] = None,
+                   exclude_fleet: Optional[str] = None) -> list[str]:
     """Human lines about vmexec resources still alive in ``regions`` (by tag).
 
     One line per fleet: its id, name, owner, age, what it holds and where, and the
@@ -434,6 +451,7 @@ def find_leftovers(session: Any, regions: Sequence[str],
         session: a ``boto3.Session``.
         regions: where to look.
         endpoint_url: AWS endpoint (e.g. a moto server).
+        exclude_fleet: a fleet id not to mention (a named fleet about to be reused).
 
     Returns:
         The lines; empty when nothing is left.
@@ -450,6 +468,8 @@ def find_leftovers(session: Any, regions: Sequence[str],
                 f"{', '.join(clients)} ({exc}); `vmexec ls` lists them"]
     by_fleet: dict[str, list[Any]] = {}
     for resource in found:
+        if exclude_fleet and resource.fleet == exclude_fleet:
+            continue
         by_fleet.setdefault(resource.fleet or "?", []).append(resource)
     now = datetime.datetime.now(datetime.timezone.utc)
     lines = []

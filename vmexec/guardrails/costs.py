@@ -78,7 +78,8 @@ class CostGuard:
 
     def _warn_leftovers(self, provider: Any) -> None:
         lines = find_leftovers(provider.session, provider.regions,
-                               endpoint_url=getattr(provider, "endpoint_url", None))
+                               endpoint_url=getattr(provider, "endpoint_url", None),
+                               exclude_fleet=getattr(provider, "fleet_id", None))
         if lines:
             logger.warning("vmexec resources from earlier runs are still alive:\n  %s",
                            "\n  ".join(lines))
@@ -112,8 +113,11 @@ class CostGuard:
         summary = getattr(provider, "teardown_summary", None)
         deleted = getattr(summary, "deleted", None) if summary is not None else None
         remaining = getattr(summary, "remaining", None) if summary is not None else None
+        kept = getattr(summary, "kept", None) if summary is not None else None
         return self.meter.receipt(deleted=deleted,
-                                  left=len(remaining) if remaining is not None else None)
+                                  left=len(remaining) if remaining is not None else None,
+                                  kept=[r.id for r in kept or ()],
+                                  keepalive=getattr(summary, "keepalive", 0.0))
 
 
 def _storage_gb(provider: Any) -> float:

@@ -12,7 +12,9 @@
                pinned host key and ephemeral client key (userdata.py), retried while the
                machine boots -> probe the boot outcome -> the agent's SSH channel
     terminate  terminate + wait + delete SG/launch templates + verify by tag, every
-               region (resources.py); also from atexit and SIGINT/SIGTERM
+               region (resources.py); also from atexit and SIGINT/SIGTERM. A named
+               fleet (named.py) keeps its ready machines warm instead, for a later run
+               to adopt
 
 Every resource is tagged ``vmexec:fleet``/``vmexec:owner``/``vmexec:created`` so that
 ``vmexec cleanup`` (``resources.sweep``) finds whatever a killed client left behind, and
@@ -78,6 +80,8 @@ from vmexec.providers.ec2.fleet import (
     describe_region,
     describe_regions,
 )
+from vmexec.providers.ec2.named import NamedFleetState, adopt, check_owner, find_named, \
+    fleet_id_for
 from vmexec.providers.ec2.images import (
     ImageInfo,
     check_root_volume,
@@ -99,6 +103,7 @@ from vmexec.providers.ec2.userdata import (
     BootSpec,
     FleetKeys,
     agent_command,
+    named_fleet_directory,
     probe_command,
     render_userdata,
 )
@@ -118,11 +123,13 @@ _LAUNCH_COOLDOWN = 60.0
 # client reconnects: few connections per machine, and a timely answer.
 _PROBE_WAIT = 30
 _CONSOLE_TAIL = 2000
+# How long a named fleet's machines stay on without a client, unless keepalive= says.
+_NAMED_KEEPALIVE = 600.0
 # Every option, for the message about an unknown one.
 _OPTIONS = ("instance_type", "regions", "arm", "spot", "ami", "ssh_cidr",
             "iam_instance_profile", "root_volume_gb", "tags", "name", "packages",
             "index_url", "find_links", "wheel_urls", "session", "endpoint_url",
-            "slots_per_machine", "boot_timeout", "max_lifetime", "ssh_user", "address_for",
+            "slots_per_machine", "boot_timeout", "max_lifetime", "keepalive", "ssh_user", "address_for",
             "boot_env", "handle_signals", "environment", "exclude", "env", "forward_env")
 
 
@@ -203,7 +210,13 @@ class EC2Provider(Provider):
             client's credentials never leave it).
         root_volume_gb: root volume size (default: the image's).
         tags: extra tags on every resource.
-        name: a name for the fleet (the ``Name`` tag; shown by ``vmexec ls``).
+        name: a name makes the fleet findable and reusable: its id is ``vmx-<name>``
+            (the ``Name`` tag too; ``vmexec ls`` shows it), its SSH keys are kept in
+            ``~/.cache/vmexec/fleets/``, and a normal shutdown leaves its ready machines
+            running for ``keepalive`` seconds (their own dead-man switch then turns them
+            off). A later executor with the same name reuses them: no launch, no boot,
+            and no install when the environment is unchanged (only the user's code when
+            only that changed). SIGINT/SIGTERM still remove everything.
         environment: what the machines install (``vmexec.environment``): ``"auto"``
             (default: this interpreter's distributions, local packages and modules,
             resolved per architecture before launch), ``"conda-pack"``, a requirements
@@ -223,6 +236,8 @@ class EC2Provider(Provider):
         slots_per_machine: slots per machine (default: its vCPU count).
         boot_timeout: seconds a machine may take to boot and answer SSH.
         max_lifetime: seconds after which machines power themselves off anyway.
+        keepalive: for a named fleet, seconds its machines stay on after the client has
+            gone (default 600; the executor passes its own ``keepalive``).
         ssh_user: the login user of the image (``ec2-user`` on Amazon Linux).
         address_for: ``record -> (host, port)`` to SSH to (testing seam).
         boot_env: extra environment exported at the top of the boot script (testing seam;
@@ -265,6 +280,7 @@ class EC2Provider(Provider):
         slots_per_machine: Optional[int] = None,
         boot_timeout: float = 900.0,
         max_lifetime: Optional[float] = None,
+        keepalive: Optional[float] = None,
         ssh_user: str = "ec2-user",
         address_for: Optional[Callable[[MachineRecord], tuple[str, int]]] = None,
         boot_env: Optional[Mapping[str, str]] = None,
@@ -297,6 +313,8 @@ class EC2Provider(Provider):
         self.boot_timeout = float(_positive("boot_timeout", boot_timeout, integer=False,
                                             allow_none=False))
         self.max_lifetime = _positive("max_lifetime", max_lifetime, integer=False)
+        self.keepalive = float(_positive("keepalive", keepalive, integer=False) or
+                               _NAMED_KEEPALIVE)
         if iam_instance_profile is not None and (not isinstance(iam_instance_profile, str)
                                                  or not iam_instance_profile.strip()):
             raise ConfigError(f"iam_instance_profile must be an instance profile name or "
@@ -363,7 +381,7 @@ class EC2Provider(Provider):
                                     "'us-east-1' or ['us-east-1', 'us-west-2']")
         self.spot = spot
         self.max_workers = max_workers
-        self.fleet_id = f"vmx-{secrets.token_hex(4)}"
+        self.fleet_id = fleet_id_for(name) if name else f"vmx-{secrets.token_hex(4)}"
         self.created = resources.utc_now()
         self.tags = resources.fleet_tags(self.fleet_id, name=name, user_tags=self.user_tags,
                                          created=self.created)
@@ -396,6 +414,19 @@ class EC2Provider(Provider):
             check_root_volume(images, self.root_volume_gb, region)
         self._price_plan()
         log.info("fleet %s plan:\n%s", self.fleet_id, self.plan.text())
+        # A named fleet: what an earlier run left running, to reuse (describe calls only).
+        self._named: dict[str, NamedFleetState] = {}
+        self._adoptable: list[MachineRecord] = []
+        self._unwanted: dict[str, list[str]] = {}
+        if name:
+            self._named = self._per_region(
+                lambda r: find_named(self.clients[r].ec2, r, self.fleet_id))
+            check_owner(self._named, name, resources.owner())
+            planned = {(line.region, line.instance_type): self.type_infos[line.instance_type]
+                       for line in self.plan.lines}
+            slots = {line.instance_type: line.slots_per_machine for line in self.plan.lines}
+            self._adoptable, self._unwanted = adopt(self._named, planned, slots.__getitem__,
+                                                    self.name)
         # Capture, resolve per architecture and build before anything exists: a package
         # without a build for an arch of the plan is an EnvSyncError now, not on
         # machine 1,731.
@@ -416,6 +447,7 @@ class EC2Provider(Provider):
         self._keys: Optional[FleetKeys] = None
         self._userdata: Optional[str] = None
         self._closed = False
+        self._destroy = False  # set by signals: a named fleet is removed, not kept warm
         # Set with _closed: wakes connect threads pausing between SSH attempts.
         self._closing = threading.Event()
         self._probes: set[Transport] = set()  # boot probes in flight, closed at teardown
@@ -484,6 +516,7 @@ class EC2Provider(Provider):
             login_user=self.ssh_user, wheel_urls=self.wheel_urls, packages=self.packages,
             index_url=self.index_url, find_links=self.find_links,
             heartbeat_grace=int(self.boot_timeout + 600),
+            agent_grace=int(self.keepalive) if self.fleet_name else 300,
             max_lifetime=int(self.max_lifetime or 0), env=self.boot_env,
             environment_script=_PREPARE_FOR_SSH_INSTALL if self.environment else "",
         )
@@ -497,7 +530,8 @@ class EC2Provider(Provider):
 
     def _ensure_keys(self) -> FleetKeys:
         if self._keys is None:
-            self._keys = FleetKeys(self.fleet_id)
+            self._keys = FleetKeys(self.fleet_id, named_fleet_directory(self.fleet_id)
+                                   if self.fleet_name else None)
             # Keys left on disk if the provider is collected without terminate().
             weakref.finalize(self, self._keys.remove)
         return self._keys
@@ -536,6 +570,10 @@ class EC2Provider(Provider):
             room = self.plan.total_slots - live_slots
             if slots_wanted <= 0 or room <= 0:
                 return []
+            adopted = self._adopt(min(slots_wanted, room))
+            if adopted:
+                # Reused machines first; more are launched when the scheduler asks again.
+                return adopted
             wants = allocate(self.plan, live, min(slots_wanted, room))
             if not wants:
                 return []
@@ -562,6 +600,24 @@ class EC2Provider(Provider):
                      f"; {report.shortfall} of {wanted} had no capacity anywhere"
                      if report.shortfall else "")
             return records
+
+    def _adopt(self, slots_wanted: int) -> list[MachineRecord]:
+        """Take a named fleet's running machines, up to ``slots_wanted`` slots (no API
+        call); the first time, terminate its machines the plan has no use for."""
+        unwanted, self._unwanted = self._unwanted, {}
+        for region, ids in unwanted.items():
+            self._terminate_ids(region, ids)
+        taken: list[MachineRecord] = []
+        slots = 0
+        while self._adoptable and slots < slots_wanted:
+            record = self._adoptable.pop(0)
+            taken.append(record)
+            slots += record.slots
+        if taken:
+            self._remember(taken)
+            log.info("fleet %s: reusing %d running machine(s) (%d slots)", self.fleet_id,
+                     len(taken), slots)
+        return taken
 
     def _remember(self, records: list[MachineRecord]) -> None:
         with self._lock:
@@ -608,9 +664,17 @@ class EC2Provider(Provider):
             ec2 = self.clients[region].ec2
             facts = self.facts[region]
             images = self.images[region]
-            group_id = resources.create_security_group(
-                ec2, region, vpc_id=facts.vpc_id, fleet_id=self.fleet_id, ssh_cidr=self.ssh_cidr,
-                tags=self.tags)
+            named = self._named.get(region)
+            if named is not None and named.security_group:
+                # A named fleet's group, from an earlier run: its machines still use it.
+                group_id = named.security_group
+                resources.allow_ssh(ec2, region, group_id, self.ssh_cidr)
+                for template_id in named.launch_templates:
+                    resources.delete_launch_template(ec2, region, template_id)
+            else:
+                group_id = resources.create_security_group(
+                    ec2, region, vpc_id=facts.vpc_id, fleet_id=self.fleet_id,
+                    ssh_cidr=self.ssh_cidr, tags=self.tags)
             try:
                 data, block_devices = self._template_data(region, group_id, images)
                 template_id = resources.create_launch_template(
@@ -722,7 +786,8 @@ class EC2Provider(Provider):
             policy(probe)
             if self.environment is not None:
                 self._install_environment(record, ssh, deadline - clock.monotonic())
-            transport = policy(ssh, agent_command(), 30.0)
+            transport = policy(ssh, agent_command(
+                agent_grace=int(self.keepalive) if self.fleet_name else None), 30.0)
         except _BootFailed as failed:
             raise TransportError(f"{record.label}: the boot script failed: {failed}") from None
         except TransportError as exc:
@@ -858,22 +923,36 @@ class EC2Provider(Provider):
             self._close()
             # A launch in flight finishes first, so that what it starts is torn down too.
             with self._launch_lock:
+                keep = self.fleet_name is not None and not self._destroy
                 with self._lock:
                     by_region: dict[str, list[str]] = {}
                     for record in self._records.values():
-                        by_region.setdefault(record.region or "", []).append(record.id)
+                        # Kept warm: a named fleet's machines that were ready to work.
+                        if not (keep and record.state == "ready"):
+                            by_region.setdefault(record.region or "", []).append(record.id)
                     touched = bool(self._setups or self._records)
-                if touched:
-                    summary = resources.teardown(
-                        {r: c.ec2 for r, c in self.clients.items()}, self.fleet_id,
-                        instance_ids=by_region)
+                    left_before = any(state.instances or state.security_group
+                                      or state.launch_templates
+                                      for state in self._named.values())
+                clients = {r: c.ec2 for r, c in self.clients.items()}
+                if keep and touched:
+                    summary = resources.keep_warm(clients, self.fleet_id,
+                                                  instance_ids=by_region,
+                                                  keepalive=self.keepalive)
+                elif touched or (left_before and not keep):
+                    summary = resources.teardown(clients, self.fleet_id,
+                                                 instance_ids=by_region)
                 else:  # nothing was ever launched: nothing to delete or verify
                     summary = resources.TeardownSummary(fleet=self.fleet_id,
                                                         regions=list(self.regions))
+                kept = {r.id for r in summary.kept}
                 with self._lock:
                     for record in self._records.values():
-                        record.state = "terminated"
-                    staged_regions = list(self._install_scripts)
+                        if record.id not in kept:
+                            record.state = "terminated"
+                    # Kept machines have their environment: its staged copy may serve
+                    # them again (the bucket's lifecycle rule expires it otherwise).
+                    staged_regions = [] if kept else list(self._install_scripts)
                 if staged_regions:
                     try:
                         delete_staging(self.session, staged_regions, self.fleet_id,
@@ -885,7 +964,10 @@ class EC2Provider(Provider):
                                     self.fleet_id, exc)
                 self.teardown_summary = summary
             if self._keys is not None:
-                self._keys.remove()
+                if self.fleet_name and not summary.kept and not keep:
+                    self._keys.destroy()  # nothing of the named fleet is left to log in to
+                else:
+                    self._keys.remove()
             _unregister(self)
 
     def sweep(self) -> list[str]:
@@ -913,7 +995,8 @@ class EC2Provider(Provider):
         when the main thread unwinds on KeyboardInterrupt.
         """
         # Stop launching and connecting at once, before the thread runs. (No lock: this
-        # runs in signal handlers.)
+        # runs in signal handlers.) An interrupted named fleet is removed too.
+        self._destroy = True
         self._closed = True
         self._closing.set()
         with self._background_lock:

@@ -55,10 +55,13 @@ __all__ = [
     "tag_specifications",
     "create_security_group",
     "create_launch_template",
+    "allow_ssh",
+    "delete_launch_template",
     "find_resources",
     "find_all",
     "delete_resources",
     "teardown",
+    "keep_warm",
     "sweep",
     "parse_age",
 ]
@@ -168,6 +171,22 @@ def create_security_group(ec2: Any, region: str, *, vpc_id: str, fleet_id: str,
         VpcId=vpc_id,
         TagSpecifications=tag_specifications(["security-group"], tags),
     )["GroupId"]
+    try:
+        allow_ssh(ec2, region, group_id, ssh_cidr)
+    except BaseException:
+        _delete_quietly(ec2.delete_security_group, "security group", group_id, GroupId=group_id)
+        raise
+    log.info("%s: created security group %s (tcp/22 from %s)", region, group_id, ssh_cidr)
+    return str(group_id)
+
+
+def allow_ssh(ec2: Any, region: str, group_id: str, ssh_cidr: str) -> None:
+    """Open tcp/22 of ``group_id`` to ``ssh_cidr`` (nothing if that rule exists: a named
+    fleet's group reused from the same address).
+
+    Raises:
+        VMExecError/ConfigError: the translated AWS error.
+    """
     network = ipaddress.ip_network(ssh_cidr, strict=False)
     ranges: dict[str, Any] = (
         {"IpRanges": [{"CidrIp": str(network), "Description": "vmexec client"}]}
@@ -178,11 +197,25 @@ def create_security_group(ec2: Any, region: str, *, vpc_id: str, fleet_id: str,
               ec2.authorize_security_group_ingress, GroupId=group_id,
               IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, **ranges}])
     except ClientError as exc:
-        _delete_quietly(ec2.delete_security_group, "security group", group_id, GroupId=group_id)
+        if retry.error_code(exc) == "InvalidPermission.Duplicate":
+            return
         raise ec2_errors.translate(exc, operation="AuthorizeSecurityGroupIngress",
                                    region=region) from exc
-    log.info("%s: created security group %s (tcp/22 from %s)", region, group_id, ssh_cidr)
-    return str(group_id)
+
+
+def delete_launch_template(ec2: Any, region: str, template_id: str) -> None:
+    """Delete a launch template an earlier run of a named fleet left (gone: fine).
+
+    Raises:
+        VMExecError/ConfigError: the translated AWS error.
+    """
+    try:
+        _delete(ec2.delete_launch_template,
+                Resource(region=region, kind="launch-template", id=template_id),
+                LaunchTemplateId=template_id)
+    except ClientError as exc:
+        raise ec2_errors.translate(exc, operation="DeleteLaunchTemplate",
+                                   region=region) from exc
 
 
 def create_launch_template(ec2: Any, region: str, *, fleet_id: str, data: Mapping[str, Any],
@@ -492,6 +525,8 @@ class TeardownSummary:
         remaining: resources still found by tag afterwards (should be empty).
         errors: per-region errors that stopped part of the work.
         seconds: wall time.
+        kept: a named fleet's machines left running for reuse (``keep_warm``).
+        keepalive: seconds those machines stay on without a client.
     """
 
     fleet: Optional[str]
@@ -500,6 +535,8 @@ class TeardownSummary:
     remaining: list[Resource] = dataclasses.field(default_factory=list)
     errors: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    kept: list[Resource] = dataclasses.field(default_factory=list)
+    keepalive: float = 0.0
 
     @property
     def clean(self) -> bool:
@@ -515,6 +552,10 @@ class TeardownSummary:
             line += (f"; STILL PRESENT: {left}" + (" ..." if len(self.remaining) > 10 else "")
                      + " — run `vmexec cleanup"
                      + (f" --fleet {self.fleet}" if self.fleet else "") + " --yes`")
+        if self.kept:
+            line += (f"; kept {len(self.kept)} machine(s) warm for reuse by name (each "
+                     f"powers off after {self.keepalive:.0f}s without a client; `vmexec "
+                     f"cleanup --fleet {self.fleet} --yes` ends them now)")
         if self.errors:
             line += "; errors: " + "; ".join(self.errors)
         return line
@@ -637,6 +678,70 @@ def teardown(clients: Mapping[str, Any], fleet_id: str, *,
         log.info("%s", summary.text())
     else:
         log.error("%s", summary.text())
+    return summary
+
+
+def keep_warm(clients: Mapping[str, Any], fleet_id: str, *,
+              instance_ids: Mapping[str, Iterable[str]], keepalive: float,
+              clock: Optional[retry.Clock] = None,
+              dependency_timeout: float = 300.0) -> TeardownSummary:
+    """A named fleet's shutdown: keep its running machines, remove everything else.
+
+    In each region: terminate ``instance_ids`` (machines not fit for reuse: still
+    booting, lost, draining), delete the fleet's launch templates and key pairs (a later
+    run makes its own), and keep the other running instances with their volumes and the
+    security group they need. A region where no machine stays is cleaned completely, as
+    by ``teardown``. Then verify by tag.
+
+    Returns:
+        The summary; ``kept`` lists the machines left running, ``remaining`` anything
+        else still present (should be empty).
+    """
+    started = time.monotonic()
+    clock = clock or retry.current_clock()
+    summary = TeardownSummary(fleet=fleet_id, regions=list(clients), keepalive=keepalive)
+
+    def one(region: str) -> Any:
+        ec2 = clients[region]
+        doomed = set(instance_ids.get(region, ()))
+        try:
+            found = find_resources(ec2, region, fleet=fleet_id)
+            warm = [r for r in found if r.kind == "instance" and r.id not in doomed
+                    and r.state in ("pending", "running")]
+            if not warm:
+                deleted, remaining = _clean_region(ec2, region, fleet_id, None, doomed, clock,
+                                                   dependency_timeout)
+                return deleted, remaining, []
+            removable = [Resource(region=region, kind="instance", id=i, fleet=fleet_id)
+                         for i in sorted(doomed)]
+            removable += [r for r in found if r.kind in ("launch-template", "key-pair")
+                          or (r.kind == "volume" and r.state in ("available", "error"))]
+            deleted = delete_resources(ec2, region, removable, clock=clock,
+                                       dependency_timeout=dependency_timeout)
+            after = find_resources(ec2, region, fleet=fleet_id)
+            kept_ids = {r.id for r in warm}
+            kept = [r for r in after if r.kind == "instance" and r.id in kept_ids]
+            remaining = [r for r in after if not (
+                r.kind == "security-group" or (r.kind == "volume" and r.state == "in-use")
+                or (r.kind == "instance" and (r.id in kept_ids or r.state == "shutting-down")))]
+            return deleted, remaining, kept
+        except Exception as exc:  # reported in the summary; other regions carry on
+            log.error("%s: cleanup failed: %s", region, exc)
+            return exc
+
+    totals: collections.Counter[str] = collections.Counter()
+    for region, outcome in zip(list(clients), _in_parallel(one, list(clients),
+                                                           "vmexec-ec2-keep")):
+        if isinstance(outcome, BaseException):
+            summary.errors.append(f"{region}: {outcome}")
+            continue
+        deleted, remaining, kept = outcome
+        totals.update(deleted)
+        summary.remaining.extend(remaining)
+        summary.kept.extend(kept)
+    summary.deleted = dict(totals)
+    summary.seconds = time.monotonic() - started
+    (log.info if summary.clean else log.error)("%s", summary.text())
     return summary
 
 

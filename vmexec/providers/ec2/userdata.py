@@ -2,7 +2,8 @@
 
 Owns:
 
-* ``FleetKeys`` — per fleet, an ephemeral ed25519 *client* key (to log in) and an ed25519
+* ``FleetKeys`` — per fleet (ephemeral, or kept between runs for a named fleet), an
+  ed25519 *client* key (to log in) and an ed25519
   *host* key (for the machines' sshd), both generated here on the client. The host key
   goes to the machines inside the user-data and its public half into a fleet-private
   known_hosts file, so the very first SSH connection is already pinned: no
@@ -43,6 +44,7 @@ Imports ``cryptography`` for key generation (not paramiko, which only
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -63,6 +65,7 @@ __all__ = [
     "NOTICE_FILE",
     "BootSpec",
     "FleetKeys",
+    "named_fleet_directory",
     "render_userdata",
     "agent_command",
     "probe_command",
@@ -98,33 +101,49 @@ def _openssh_private(key: Ed25519PrivateKey) -> str:
 
 
 class FleetKeys:
-    """The fleet's ephemeral keys, on disk in a private temporary directory.
+    """The fleet's keys on disk, in a private directory (mode 0700).
+
+    An unnamed fleet's keys are ephemeral: a new temporary directory, removed by
+    ``remove()`` at teardown. A named fleet keeps its keys in ``directory`` (see
+    ``named_fleet_directory``) so that a later run can log in to the machines it left
+    warm; they are loaded from there when present, else generated and written there.
 
     Attributes:
-        directory: the temporary directory (mode 0700), removed by ``remove()``.
+        directory: where the keys are.
         client_key: path of the client's private key (0600), for ``open_ssh_transport``.
         client_public: the client's public key line (goes to authorized_keys).
         host_private: the machines' host private key (OpenSSH format, goes in user-data).
         host_public: the machines' host public key line.
         known_hosts: path of the known_hosts file pinning ``host_public`` for every
             address (this file is used for this fleet's connections only).
+        persistent: whether the keys outlive this run (a named fleet's).
     """
 
-    def __init__(self, fleet_id: str) -> None:
-        self.directory = tempfile.mkdtemp(prefix=f"vmexec-{fleet_id}-")
+    def __init__(self, fleet_id: str, directory: Optional[str] = None) -> None:
+        self.persistent = directory is not None
+        if directory is None:
+            self.directory = tempfile.mkdtemp(prefix=f"vmexec-{fleet_id}-")
+        else:
+            self.directory = directory
+            os.makedirs(directory, mode=0o700, exist_ok=True)
         os.chmod(self.directory, 0o700)
-        client = Ed25519PrivateKey.generate()
-        host = Ed25519PrivateKey.generate()
+        self.client_key = os.path.join(self.directory, "client_ed25519")
+        self.known_hosts = os.path.join(self.directory, "known_hosts")
+        host_file = os.path.join(self.directory, "host_ed25519")
+        if self.persistent and os.path.exists(self.client_key) and os.path.exists(host_file):
+            client = _load_private(self.client_key)
+            host = _load_private(host_file)
+        else:
+            client = Ed25519PrivateKey.generate()
+            host = Ed25519PrivateKey.generate()
+            _write_private(self.client_key, client)
+            if self.persistent:
+                _write_private(host_file, host)
         self.client_public = _openssh_public(client, f"vmexec-{fleet_id}-client")
         self.host_private = _openssh_private(host)
         self.host_public = _openssh_public(host, f"vmexec-{fleet_id}-host")
-        self.client_key = os.path.join(self.directory, "client_ed25519")
-        fd = os.open(self.client_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(_openssh_private(client))
         with open(self.client_key + ".pub", "w", encoding="ascii") as f:
             f.write(self.client_public + "\n")
-        self.known_hosts = os.path.join(self.directory, "known_hosts")
         key_type, key_data = self.host_public.split()[:2]
         with open(self.known_hosts, "w", encoding="ascii") as f:
             # Any address: machines get addresses only at launch, and this file serves
@@ -132,8 +151,45 @@ class FleetKeys:
             f.write(f"* {key_type} {key_data}\n")
 
     def remove(self) -> None:
-        """Delete the keys from disk (idempotent)."""
+        """Delete ephemeral keys from disk (idempotent); a named fleet's stay."""
+        if not self.persistent:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def destroy(self) -> None:
+        """Delete the keys whatever the fleet (its machines are all gone)."""
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def named_fleet_directory(fleet_id: str) -> str:
+    """Where a named fleet's keys live between runs: ``$VMEXEC_FLEETS_DIR/<fleet id>``,
+    by default ``$XDG_CACHE_HOME/vmexec/fleets/<fleet id>`` (``~/.cache`` without XDG)."""
+    base = os.environ.get("VMEXEC_FLEETS_DIR")
+    if not base:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                                 ".cache")
+        base = os.path.join(cache, "vmexec", "fleets")
+    return os.path.join(base, fleet_id)
+
+
+def _write_private(path: str, key: Ed25519PrivateKey) -> None:
+    # Replace, never follow or reuse a file someone else may have created there.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(_openssh_private(key))
+
+
+def _load_private(path: str) -> Ed25519PrivateKey:
+    if os.stat(path).st_mode & 0o077:
+        raise ConfigError(f"{path} is readable by other users: a named fleet's keys must be "
+                          f"private (chmod 600 {path}), or delete the folder to start afresh")
+    with open(path, "rb") as f:
+        key = serialization.load_ssh_private_key(f.read(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"{path} is not an ed25519 key: delete {os.path.dirname(path)} "
+                          "to start the named fleet afresh")
+    return key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +305,13 @@ while true; do
   fi
   if agent_running; then touch "$STATE/heartbeat"; seen_agent=1; fi
   last=$(stat -c %Y "$STATE/heartbeat" 2>/dev/null || echo "$start")
-  limit="$GRACE"; [ "$seen_agent" = 1 ] && limit="$AFTER"
+  limit="$GRACE"
+  if [ "$seen_agent" = 1 ]; then
+    limit="$AFTER"
+    # A named fleet's later client sets its own keepalive for the machines it reuses.
+    g=$(cat "$R/opt/vmexec/agent-grace" 2>/dev/null)
+    case "$g" in ''|*[!0-9]*) ;; *) limit="$g";; esac
+  fi
   if [ $((now - last)) -ge "$limit" ]; then
     why="no vmexec agent for ${{limit}}s"; break
   fi
@@ -305,6 +367,8 @@ chmod 600 "$HOME_DIR/.ssh/authorized_keys"
 if [ "$(id -u)" = 0 ] && id "$USER_NAME" >/dev/null 2>&1; then
   chown -R "$USER_NAME" "$HOME_DIR/.ssh"
 fi
+: >"$R/opt/vmexec/agent-grace"  # written by the client at each connection (agent_command)
+if [ "$(id -u)" = 0 ]; then chown "$USER_NAME" "$R/opt/vmexec/agent-grace" 2>/dev/null; fi
 if [ -n "${{VMEXEC_SSHD_RELOAD:-}}" ]; then
   eval "$VMEXEC_SSHD_RELOAD" || fail "sshd reload failed: $VMEXEC_SSHD_RELOAD"
 else
@@ -409,14 +473,21 @@ def render_userdata(spec: BootSpec) -> str:
 _ROOT = "${VMEXEC_ROOT:-}"
 
 
-def agent_command(root: str = _ROOT) -> str:
+def agent_command(root: str = _ROOT, agent_grace: Optional[int] = None) -> str:
     """The remote command that starts the agent from the machine's environment.
 
     Args:
         root: where the boot script put everything; by default the remote shell expands
             ``$VMEXEC_ROOT`` (unset on a real machine, set by a harness's sshd).
+        agent_grace: tell the machine's dead-man switch to power off this many seconds
+            after the agent ends (a named fleet's keepalive: a reused machine was booted
+            by an earlier client with that client's setting).
     """
-    return f"{root}/opt/vmexec/venv/bin/python -m vmexec.agent"
+    agent = f"{root}/opt/vmexec/venv/bin/python -m vmexec.agent"
+    if agent_grace is None:
+        return agent
+    return (f"printf '%s\\n' {int(agent_grace)} >\"{root}/opt/vmexec/agent-grace\" "
+            f"2>/dev/null; exec {agent}")
 
 
 def probe_command(wait_seconds: int, tail_bytes: int = 4000, root: str = _ROOT) -> str:

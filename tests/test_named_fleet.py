@@ -1,0 +1,152 @@
+"""Named fleets: ``name=`` makes a fleet findable and reusable.
+
+End to end on the local cloud (moto + fake VMs with real sshd): a first run launches and
+installs; its shutdown keeps the ready machines warm; a second run with the same name
+reuses them (no launch call, no boot, no install: the environment hash matches); after
+an edit of the user's code a third run re-syncs just that code; their dead-man switch
+turns idle machines off after ``keepalive``; ``vmexec cleanup --fleet`` removes the rest.
+Plus, on moto alone: the persisted keys, another owner's name, and the keep-warm
+teardown's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmexec.errors import ConfigError
+from vmexec.providers.ec2.userdata import FleetKeys, named_fleet_directory
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+def _require_sshd() -> None:
+    from vmexec.testing.sshd import sshd_available
+
+    problem = sshd_available()
+    if problem is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the local-cloud tests but: {problem}")
+        pytest.skip(f"needs OpenSSH's sshd: {problem} (apt-get install openssh-server)")
+
+
+def where_am_i(x: int) -> tuple[int, str]:
+    import fleetmath
+
+    # The fake VM's root is .../<instance id>/root: which machine ran the task.
+    return fleetmath.scale(x), Path(os.environ.get("VMEXEC_ROOT", "")).parent.name
+
+
+def test_keys_of_a_named_fleet_persist_and_must_be_private(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VMEXEC_FLEETS_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    directory = named_fleet_directory("vmx-nightly")
+    assert directory == str(tmp_path / "vmexec" / "fleets" / "vmx-nightly")
+    first = FleetKeys("vmx-nightly", directory)
+    again = FleetKeys("vmx-nightly", directory)
+    assert (again.client_public, again.host_public) == (first.client_public, first.host_public)
+    assert oct(os.stat(directory).st_mode & 0o777) == "0o700"
+    first.remove()  # a named fleet's keys survive the run
+    assert Path(first.client_key).exists()
+    os.chmod(first.client_key, 0o644)
+    with pytest.raises(ConfigError, match="readable by other users"):
+        FleetKeys("vmx-nightly", directory)
+    first.destroy()
+    assert not Path(directory).exists()
+    ephemeral = FleetKeys("vmx-12345678")
+    assert ephemeral.client_public != first.client_public
+    ephemeral.remove()
+    assert not Path(ephemeral.directory).exists()
+
+
+def test_reuse_resync_keepalive_and_cleanup_on_the_local_cloud(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    _require_sshd()
+    from vmexec import VMExecutor
+    from vmexec.cli import main as cli_main
+    from vmexec.testing.localcloud import LocalCloud
+
+    monkeypatch.setenv("VMEXEC_FLEETS_DIR", str(tmp_path / "fleets"))
+    code = tmp_path / "project"
+    code.mkdir()
+    (code / "fleetmath.py").write_text("def scale(x):\n    return 3 * x\n")
+    monkeypatch.chdir(code)
+    monkeypatch.syspath_prepend(str(code))
+    caplog.set_level(logging.INFO, logger="vmexec")
+
+    with LocalCloud(regions=["us-east-1"], vm_tools=("uv",)) as cloud:
+        boot_env = {**cloud.boot_env(), "VMEXEC_DEADMAN_INTERVAL": "0.5"}
+
+        def run(keepalive: float) -> tuple[list[tuple[int, str]], Any]:
+            # fleetmath changes between runs: a fresh import in the client each time.
+            sys.modules.pop("fleetmath", None)
+            options = cloud.executor_options(environment=["tenacity"], boot_env=boot_env)
+            with VMExecutor(2, provider="ec2", instance_type="c7i.large",
+                            regions=["us-east-1"], name="nightly", keepalive=keepalive,
+                            heartbeat_interval=0.5, boot_timeout=180.0, **options) as ex:
+                results = list(ex.map(where_am_i, range(6)))
+            return results, ex._provider
+
+        def launches() -> int:
+            return sum(n for (_, op), n in cloud.api_calls.items()
+                       if op in ("CreateFleet", "RunInstances"))
+
+        # 1. A first run launches, installs, and keeps its machine warm.
+        results, provider = run(keepalive=300)
+        assert [r[0] for r in results] == [0, 3, 6, 9, 12, 15]
+        machines = {r[1] for r in results}
+        assert len(machines) == 1 and provider.fleet_id == "vmx-nightly"
+        assert provider.teardown_summary.clean
+        assert [r.id for r in provider.teardown_summary.kept] == sorted(machines)
+        live = {i["InstanceId"]: i["State"]["Name"] for i in cloud.instances()}
+        assert live == {next(iter(machines)): "running"}
+        kinds = [kind for _, kind, _ in cloud.tagged_resources()]
+        assert "launch-template" not in kinds and kinds.count("security-group") == 1
+        assert "kept warm" in caplog.text  # in the receipt and the teardown line
+        [machine] = machines
+        venv = cloud.vm(machine).root / "opt" / "vmexec" / "venv"
+        (venv / "made-by-run-1").write_text("")
+        calls = launches()
+
+        # 2. The same name reuses it: no launch call, no new venv.
+        caplog.clear()
+        results, provider = run(keepalive=300)
+        assert [r[0] for r in results] == [0, 3, 6, 9, 12, 15]
+        assert {r[1] for r in results} == machines
+        assert launches() == calls
+        assert (venv / "made-by-run-1").exists()
+        assert "reusing 1 running machine" in caplog.text
+
+        # 3. Only the user's code changed: the same machine, the same venv, new code.
+        (code / "fleetmath.py").write_text("def scale(x):\n    return 4 * x\n")
+        results, provider = run(keepalive=1)
+        assert [r[0] for r in results] == [0, 4, 8, 12, 16, 20]
+        assert {r[1] for r in results} == machines and launches() == calls
+        assert (venv / "made-by-run-1").exists()
+
+        # 4. keepalive=1 for this client: its dead-man switch turns the machine off
+        #    (terminated: InstanceInitiatedShutdownBehavior) a second after the agent.
+        cloud.wait_for(lambda: all(i["State"]["Name"] == "terminated"
+                                   for i in cloud.instances()), timeout=60)
+        boot_log = (cloud.vm(machine).root / "var" / "log" / "vmexec-boot.log").read_text()
+        assert "powering off: no vmexec agent for 1s" in boot_log
+
+        # 5. What the named fleet still holds (its security group, staged environment)
+        #    goes with `vmexec cleanup --fleet`.
+        assert {kind for _, kind, _ in cloud.tagged_resources()} <= {"security-group",
+                                                                      "s3-bucket"}
+        code_ = cli_main(["cleanup", "--fleet", "vmx-nightly", "--region", "us-east-1",
+                          "--endpoint-url", cloud.endpoint_url, "--yes"])
+        assert code_ == 0
+        assert cloud.tagged_resources() == []
+        s3 = cloud.session.client("s3", region_name="us-east-1",
+                                  endpoint_url=cloud.endpoint_url)
+        assert s3.list_buckets()["Buckets"] == []
+        assert cloud.offmachine_requests == []
