@@ -150,3 +150,83 @@ def test_reuse_resync_keepalive_and_cleanup_on_the_local_cloud(
                                   endpoint_url=cloud.endpoint_url)
         assert s3.list_buckets()["Buckets"] == []
         assert cloud.offmachine_requests == []
+
+
+# --- the control plane alone (moto): keep-warm teardown, adoption, owners ---------------
+
+ONE_REGION = dict(instance_type=["c7i.large"], regions=["us-east-1"])
+
+
+def _kinds(found: list[Any]) -> list[str]:
+    return sorted(r.kind for r in found)
+
+
+def test_keep_warm_keeps_ready_machines_and_a_second_run_adopts_them(
+        make_provider: Any, session: Any, calls: Any) -> None:
+    from aws_fixtures import launches, tagged
+
+    first = make_provider(4, name="warm", **ONE_REGION)
+    records = first.launch(4)
+    assert len(records) == 2  # two c7i.large of 2 slots
+    records[0].state = "ready"  # its agent answered; the other is still booting
+    first.terminate(None)
+    summary = first.teardown_summary
+    assert summary.clean and [r.id for r in summary.kept] == [records[0].id]
+    assert summary.deleted.get("instance") == 1 and summary.deleted.get("launch-template") == 1
+    left = tagged(session, ["us-east-1"], "vmx-warm")
+    assert [r.id for r in left if r.kind == "instance"] == [records[0].id]
+    assert "launch-template" not in _kinds(left) and _kinds(left).count("security-group") == 1
+    [group] = [r.id for r in left if r.kind == "security-group"]
+    assert Path(named_fleet_directory("vmx-warm"), "client_ed25519").exists()
+
+    before = launches(calls)
+    second = make_provider(4, name="warm", **ONE_REGION)
+    assert second.keys.client_public == first.keys.client_public  # it can log in
+    adopted = second.launch(4)
+    assert [r.id for r in adopted] == [records[0].id] and launches(calls) == before
+    added = second.launch(2)  # the rest is launched, into the kept security group
+    assert len(added) == 1 and launches(calls) == before + 1
+    ec2 = session.client("ec2", region_name="us-east-1")
+    [template] = ec2.describe_launch_templates(LaunchTemplateNames=["vmexec-vmx-warm"])[
+        "LaunchTemplates"]  # the old one was replaced
+    [version] = ec2.describe_launch_template_versions(
+        LaunchTemplateId=template["LaunchTemplateId"])["LaunchTemplateVersions"]
+    assert version["LaunchTemplateData"]["SecurityGroupIds"] == [group]
+
+    # Interrupted (SIGINT/SIGTERM): a named fleet is removed, keys included.
+    second.start_background_teardown().join(timeout=120)
+    assert second.teardown_summary is not None and second.teardown_summary.clean
+    assert not second.teardown_summary.kept
+    assert tagged(session, ["us-east-1"], "vmx-warm") == []
+    assert not Path(named_fleet_directory("vmx-warm")).exists()
+
+
+def test_machines_of_types_no_longer_planned_are_terminated(make_provider: Any,
+                                                            session: Any) -> None:
+    from aws_fixtures import tagged
+
+    first = make_provider(2, name="retype", **ONE_REGION)
+    [old] = first.launch(2)
+    old.state = "ready"
+    first.terminate(None)
+    second = make_provider(2, name="retype", instance_type=["c7g.large"],
+                           regions=["us-east-1"])
+    [new] = second.launch(2)
+    assert new.instance_type == "c7g.large" and new.id != old.id
+    live = [r.id for r in tagged(session, ["us-east-1"], "vmx-retype")
+            if r.kind == "instance" and r.state in ("pending", "running")]
+    assert live == [new.id]
+
+
+def test_a_name_another_owner_uses_is_refused_before_anything_is_launched(
+        make_provider: Any, calls: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aws_fixtures import launches
+    from vmexec.providers.ec2 import resources
+
+    make_provider(2, name="shared", **ONE_REGION).launch(2)
+    before = launches(calls)
+    monkeypatch.setattr(resources, "owner", lambda: "bob@elsewhere")
+    with pytest.raises(ConfigError, match=r"belongs to .* not to bob@elsewhere.*another "
+                                          r"name="):
+        make_provider(2, name="shared", **ONE_REGION)
+    assert launches(calls) == before
