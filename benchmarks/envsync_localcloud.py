@@ -3,7 +3,9 @@
 Plan -> preflight -> S3 staging (moto) -> boot -> install over SSH with uv -> agent -> the
 first result, for a small requirements environment plus a local module, with a cold uv
 cache (a fresh machine) and with a warm one (a machine whose image already holds the
-package cache, modelled by a UV_CACHE_DIR shared by the fake VMs).
+package cache, modelled by a UV_CACHE_DIR shared by the fake VMs). Then a named fleet:
+the first run, a second run that reuses the warm machine (no launch, no install), and a
+third after an edit of the local module (only that code re-synced).
 
     python benchmarks/envsync_localcloud.py
 """
@@ -40,6 +42,38 @@ def run_once(label: str, machine_env: dict[str, str], code: Path) -> float:
     return first
 
 
+def named_runs(code: Path) -> tuple[float, float, float]:
+    """First run of a named fleet, reuse, reuse after a code edit: seconds to the first
+    result of each (the same fake VM serves all three)."""
+    def remote(x: int) -> int:
+        import fleetmath
+
+        return fleetmath.triple(x)
+
+    timings = []
+    with LocalCloud(regions=["us-east-1"], vm_tools=("uv",)) as cloud:
+        options = cloud.executor_options(environment=["tenacity"])
+        for label, body in (("named fleet, first run", "3 * x"),
+                            ("named fleet, reused", "3 * x"),
+                            ("reused after a code edit", "x + x + x")):
+            (code / "fleetmath.py").write_text(f"def triple(x):\n    return {body}\n")
+            sys.modules.pop("fleetmath", None)
+            calls = sum(n for (_, op), n in cloud.api_calls.items() if op == "CreateFleet")
+            start = time.perf_counter()
+            with VMExecutor(1, provider="ec2", instance_type="c7i.large",
+                            regions=["us-east-1"], name="bench", keepalive=120,
+                            boot_timeout=300.0, **options) as ex:
+                assert ex.submit(remote, 2).result() == 6
+                first = time.perf_counter() - start
+            launched = sum(n for (_, op), n in cloud.api_calls.items()
+                           if op == "CreateFleet") - calls
+            print(f"{label:<28} first result {first:6.2f}s   CreateFleet calls {launched}",
+                  flush=True)
+            timings.append(first)
+        # The kept machine goes with the local cloud (on EC2: after keepalive, by itself).
+    return timings[0], timings[1], timings[2]
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         code = Path(tmp) / "project"
@@ -52,6 +86,10 @@ def main() -> int:
         run_once("warming the shared cache", {"UV_CACHE_DIR": shared_cache}, code)
         warm = run_once("warm uv cache", {"UV_CACHE_DIR": shared_cache}, code)
         print(f"warm / cold: {warm / cold:.2f}")
+        os.environ["VMEXEC_FLEETS_DIR"] = str(Path(tmp) / "fleets")
+        first, reused, edited = named_runs(code)
+        print(f"named fleet reused / first run: {reused / first:.2f}; after a code edit / "
+              f"first run: {edited / first:.2f}")
     return 0
 
 
