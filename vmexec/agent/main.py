@@ -265,21 +265,11 @@ class Agent:
 
     def _reap(self, worker: _Worker) -> str:
         """Wait for a dead worker and describe how it ended."""
-        status = None
-        for _ in range(200):
-            try:
-                pid, status = os.waitpid(worker.pid, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid:
-                break
-            time.sleep(0.005)
+        ended, status = _wait_exit(worker.pid, 1.0)
+        if not ended:
+            status = _kill_and_wait(worker.pid)
         if status is None:
-            try:
-                os.kill(worker.pid, signal.SIGKILL)
-                _, status = os.waitpid(worker.pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                return "exit status unknown"
+            return "exit status unknown"
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
             try:
@@ -589,22 +579,36 @@ class Agent:
                 os.close(worker.task_w)  # EOF: an idle worker exits by itself
             except OSError:
                 pass
-        deadline = time.monotonic() + 2.0
+        deadline = time.monotonic() + 2.0  # for all of them together
         for worker in list(self.workers.values()):
-            while time.monotonic() < deadline:
-                try:
-                    pid, _ = os.waitpid(worker.pid, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if pid:
-                    break
-                time.sleep(0.01)
-            else:
-                try:
-                    os.kill(worker.pid, signal.SIGKILL)
-                    os.waitpid(worker.pid, 0)
-                except (ProcessLookupError, ChildProcessError):
-                    pass
+            ended, _ = _wait_exit(worker.pid, deadline - time.monotonic())
+            if not ended:
+                _kill_and_wait(worker.pid)
+
+
+def _wait_exit(pid: int, timeout: float) -> tuple[bool, Optional[int]]:
+    """Poll child ``pid`` for up to ``timeout`` seconds: ``(ended, wait status)``; the
+    status is None when the child was already reaped."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return True, None
+        if done:
+            return True, status
+        if time.monotonic() >= deadline:
+            return False, None
+        time.sleep(0.005)
+
+
+def _kill_and_wait(pid: int) -> Optional[int]:
+    """SIGKILL child ``pid`` and reap it; its wait status, or None if it was gone."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+        return os.waitpid(pid, 0)[1]
+    except (ProcessLookupError, ChildProcessError):
+        return None
 
 
 _THREAD_LIMIT_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
