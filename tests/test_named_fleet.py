@@ -230,3 +230,22 @@ def test_a_name_another_owner_uses_is_refused_before_anything_is_launched(
                                           r"name="):
         make_provider(2, name="shared", **ONE_REGION)
     assert launches(calls) == before
+
+
+def test_machines_another_client_is_using_are_not_adopted(make_provider: Any,
+                                                         calls: Any) -> None:
+    from aws_fixtures import launches
+
+    first = make_provider(2, name="shared-run", **ONE_REGION)
+    [mine] = first.launch(2)
+    mine.state = "ready"
+    before = launches(calls)
+    second = make_provider(2, name="shared-run", **ONE_REGION)  # while the first works
+    [theirs] = second.launch(2)
+    assert theirs.id != mine.id and launches(calls) == before + 1
+    theirs.state = "ready"
+    first.terminate(None)  # keeps its machine warm and marks it free
+    second.terminate(None)
+    third = make_provider(4, name="shared-run", **ONE_REGION)
+    assert sorted(r.id for r in third.launch(4)) == sorted([mine.id, theirs.id])
+    assert launches(calls) == before + 1

@@ -48,6 +48,7 @@ import datetime
 import ipaddress
 import logging
 import math
+import os
 import re
 import secrets
 import shlex
@@ -385,6 +386,12 @@ class EC2Provider(Provider):
         self.created = resources.utc_now()
         self.tags = resources.fleet_tags(self.fleet_id, name=name, user_tags=self.user_tags,
                                          created=self.created)
+        if name:
+            # Marks this client's machines of a named fleet as in use (see named.adopt).
+            self.client_tag = {"Key": resources.TAG_CLIENT,
+                               "Value": f"{os.getpid()}@{socket.gethostname()} "
+                                        f"{resources.utc_now().isoformat(timespec='seconds')}"}
+            self.tags[resources.TAG_CLIENT] = self.client_tag["Value"]
 
         # -- clients (created here, in one thread: boto3 sessions are not thread-safe) --
         # botocore retries twice at most (network hiccups); throttling beyond that goes
@@ -613,6 +620,9 @@ class EC2Provider(Provider):
             record = self._adoptable.pop(0)
             taken.append(record)
             slots += record.slots
+        for region in sorted({r.region or "" for r in taken}):
+            ids = [r.id for r in taken if r.region == region]
+            resources.tag_resources(self.clients[region].ec2, region, ids, self.client_tag)
         if taken:
             self._remember(taken)
             log.info("fleet %s: reusing %d running machine(s) (%d slots)", self.fleet_id,

@@ -34,7 +34,7 @@ from vmexec.errors import ConfigError
 from vmexec.providers.base import MachineRecord
 from vmexec.providers.ec2 import errors as ec2_errors
 from vmexec.providers.ec2.plan import TypeInfo
-from vmexec.providers.ec2.resources import TAG_FLEET, TAG_OWNER
+from vmexec.providers.ec2.resources import TAG_CLIENT, TAG_FLEET, TAG_OWNER
 
 __all__ = ["NamedFleetState", "fleet_id_for", "find_named", "check_owner", "adopt"]
 
@@ -124,7 +124,9 @@ def adopt(states: Mapping[str, NamedFleetState],
 
     A running instance whose (region, type) the plan contains (``planned``) is reused;
     one of another type (the named fleet's instance types or ``arm=`` changed since) is
-    not.
+    not. One that carries a ``vmexec:client`` tag serves another client right now (or
+    did, until that client was killed: then its dead-man switch turns it off soon): it
+    is left alone.
 
     Returns:
         ``(records, unwanted)``: records in state ``pending`` (``connect`` finds them
@@ -132,10 +134,15 @@ def adopt(states: Mapping[str, NamedFleetState],
     """
     records: list[MachineRecord] = []
     unwanted: dict[str, list[str]] = {}
+    busy: list[str] = []
     for region, state in states.items():
         for item in state.instances:
             instance_id = item["InstanceId"]
             itype = item.get("InstanceType", "")
+            user = _tags(item).get(TAG_CLIENT)
+            if user:
+                busy.append(f"{instance_id} ({user})")
+                continue
             info = planned.get((region, itype))
             if info is None:
                 unwanted.setdefault(region, []).append(instance_id)
@@ -146,6 +153,9 @@ def adopt(states: Mapping[str, NamedFleetState],
                 slots=slots(itype), provider=provider_name, state="pending", region=region,
                 zone=zone, instance_type=itype, arch=info.arch,
                 spot=item.get("InstanceLifecycle") == "spot"))
+    if busy:
+        log.warning("named fleet: %d machine(s) serve another client, not reused: %s",
+                    len(busy), ", ".join(busy[:5]) + (" ..." if len(busy) > 5 else ""))
     if records or unwanted:
         log.info("named fleet: %d machine(s) to reuse%s", len(records),
                  f", {sum(map(len, unwanted.values()))} of other instance types to "

@@ -45,6 +45,7 @@ __all__ = [
     "TAG_OWNER",
     "TAG_CREATED",
     "TAG_NAME",
+    "TAG_CLIENT",
     "KINDS",
     "Resource",
     "TeardownSummary",
@@ -53,6 +54,7 @@ __all__ = [
     "fleet_tags",
     "validate_user_tags",
     "tag_specifications",
+    "tag_resources",
     "create_security_group",
     "create_launch_template",
     "allow_ssh",
@@ -72,6 +74,8 @@ TAG_FLEET = "vmexec:fleet"
 TAG_OWNER = "vmexec:owner"
 TAG_CREATED = "vmexec:created"
 TAG_NAME = "vmexec:name"
+#: On a named fleet's machines while a client uses them (removed when it keeps them warm).
+TAG_CLIENT = "vmexec:client"
 
 #: Resource kinds vmexec creates or looks for, in the order teardown deletes them.
 KINDS = ("instance", "launch-template", "key-pair", "volume", "security-group")
@@ -140,6 +144,15 @@ def fleet_tags(fleet_id: str, *, name: Optional[str] = None,
     if name:
         tags[TAG_NAME] = name
     return tags
+
+
+def tag_resources(ec2: Any, region: str, ids: list[str], tag: Mapping[str, str]) -> None:
+    """Add ``tag`` (``{"Key": ..., "Value": ...}``) to resources ``ids`` (one call).
+
+    Raises:
+        VMExecError/ConfigError: the translated AWS error.
+    """
+    ec2_errors.call("CreateTags", region, ec2.create_tags, Resources=ids, Tags=[dict(tag)])
 
 
 def tag_specifications(resource_types: Iterable[str], tags: Mapping[str, str]
@@ -718,8 +731,11 @@ def keep_warm(clients: Mapping[str, Any], fleet_id: str, *,
                           or (r.kind == "volume" and r.state in ("available", "error"))]
             deleted = delete_resources(ec2, region, removable, clock=clock,
                                        dependency_timeout=dependency_timeout)
-            after = find_resources(ec2, region, fleet=fleet_id)
             kept_ids = {r.id for r in warm}
+            # Free for the next client: it adopts only machines nobody is using.
+            ec2_errors.call("DeleteTags", region, ec2.delete_tags,
+                            Resources=sorted(kept_ids), Tags=[{"Key": TAG_CLIENT}])
+            after = find_resources(ec2, region, fleet=fleet_id)
             kept = [r for r in after if r.kind == "instance" and r.id in kept_ids]
             remaining = [r for r in after if not (
                 r.kind == "security-group" or (r.kind == "volume" and r.state == "in-use")
