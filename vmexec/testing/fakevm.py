@@ -24,8 +24,9 @@ Owns, for each instance the local cloud hands it (``FakeVM``):
   started, and every process carrying the machine's ``VMEXEC_FAKEVM`` marker in its
   environment, which catches daemonised ones) and killed.
 
-Also owns ``ControlServer``: the Unix socket the shims talk to, and ``FakeVMHost``: the
-directories, shims and settings shared by every machine of one cloud.
+Also owns ``ControlServer``: the Unix socket the shims talk to (``control_request`` is
+its client side, for other processes), and ``FakeVMHost``: the directories, shims and
+settings shared by every machine of one cloud.
 
 Must not import: boto3, moto, paramiko, or vmexec's core (standard library and psutil
 only): this module knows nothing of clouds; ``vmexec.testing.localcloud`` maps instances
@@ -65,6 +66,7 @@ __all__ = [
     "FakeVMError",
     "FakeVMHost",
     "ControlServer",
+    "control_request",
     "find_processes",
     "stop_machines",
     "stop_processes",
@@ -134,7 +136,7 @@ class VMSpec:
 # The program behind every shim. It runs with this interpreter in isolated mode (-I:
 # no PYTHON* variables, no user site) so a machine's broken Python cannot break it.
 _SHIM_SOURCE = r'''
-import json, os, socket, sys
+import json, os, socket, sys, time
 
 SOCKET = {socket!r}
 NAME = os.path.basename(sys.argv[0])
@@ -146,9 +148,7 @@ def ask(command, *args):
     request = {{"vm": os.environ.get({marker!r}, ""), "root": os.environ.get("VMEXEC_ROOT", ""),
                "cmd": command, "args": list(args)}}
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(60)
-            s.connect(SOCKET)
+        with connect(time.monotonic() + 60) as s:
             s.sendall(json.dumps(request).encode() + b"\n")
             data = b""
             while not data.endswith(b"\n"):
@@ -166,6 +166,22 @@ def ask(command, *args):
     if reply.get("message"):
         sys.stdout.write(reply["message"] + "\n")
     sys.exit(0)
+
+
+def connect(deadline):
+    """A connection to the local cloud; waits while its listen backlog is full (many
+    machines asking at once), which a socket with a timeout is told with EAGAIN at once."""
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(max(1.0, deadline - time.monotonic()))
+        try:
+            s.connect(SOCKET)
+            return s
+        except BlockingIOError:
+            s.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def minutes(when):
@@ -742,6 +758,14 @@ class FakeVM:
                 f"{self.spec.host}:{self.spec.port} {self.state}>")
 
 
+class _ControlSocketServer(socketserver.ThreadingUnixStreamServer):
+    # socketserver's default backlog is 5. Every machine of a fleet whose client was
+    # killed powers off within the same dead-man interval; on Linux a connect to a full
+    # backlog fails at once (EAGAIN) for a socket with a timeout, and a dead-man that
+    # cannot ask never asks again. The kernel caps this at net.core.somaxconn.
+    request_queue_size = 1024
+
+
 class ControlServer:
     """The Unix socket the shims inside fake VMs send their requests to.
 
@@ -766,7 +790,7 @@ class ControlServer:
             def handle(self) -> None:
                 serve(self.rfile, self.wfile, handler)
 
-        self._server = socketserver.ThreadingUnixStreamServer(path, Request)
+        self._server = _ControlSocketServer(path, Request)
         # close() waits for the requests in flight (each bounded by its own timeouts).
         self._server.daemon_threads = False
         self._server.block_on_close = True
@@ -804,6 +828,57 @@ class ControlServer:
             wfile.write(json.dumps(reply).encode() + b"\n")
         except OSError as exc:
             log.debug("control reply lost: %s", exc)
+
+
+def control_request(path: str, command: str, *args: str, marker: str = "", root: str = "",
+                    timeout: float = 60.0) -> str:
+    """Send one request to the ``ControlServer`` at ``path`` (what a shim does).
+
+    Args:
+        path: the server's socket.
+        command, args: the request.
+        marker, root: the machine asking (empty for a client outside every machine).
+        timeout: seconds for the whole exchange.
+
+    Returns:
+        The server's message.
+
+    Raises:
+        FakeVMError: the server refused the request (with its reason) or did not answer.
+    """
+    request = {"vm": marker, "root": root, "cmd": command, "args": list(args)}
+    deadline = time.monotonic() + timeout
+    try:
+        with _connect_unix(path, deadline) as sock:
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            with sock.makefile("rb") as answer:
+                reply = json.loads(answer.readline(65536) or b"{}")
+    except (OSError, ValueError) as exc:
+        raise FakeVMError(f"{command}: the local cloud at {path} did not answer: {exc}"
+                          ) from None
+    if reply.get("error"):
+        raise FakeVMError(f"{command}: {reply['error']}")
+    return str(reply.get("message", ""))
+
+
+def _connect_unix(path: str, deadline: float) -> socket.socket:
+    """Connect to a Unix socket by ``deadline``, waiting while its backlog is full (a
+    socket with a timeout is refused at once with EAGAIN then, not made to wait)."""
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(max(1.0, deadline - time.monotonic()))
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)  # a short pause: the server accepts in its own thread
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
 
 # --- processes -------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 Owns, for one test module or benchmark (``LocalCloud``, a context manager):
 
 * moto's ``ThreadedMotoServer`` on a free port of 127.0.0.1. moto's state is
-  process-wide: a cloud resets it when it starts and when it closes, so open one cloud
-  at a time per process;
+  process-wide: a cloud resets it when it starts and when it closes, so one cloud at a
+  time may be open per process (a second one refuses to start);
 * a ``boto3.Session`` with fake credentials whose every request is checked to go to that
   server (a ``before-send`` guard), plus ``AWS_ENDPOINT_URL`` and fake credentials in
   the environment while the cloud is open, so that nothing can reach a real endpoint;
@@ -21,7 +21,11 @@ Owns, for one test module or benchmark (``LocalCloud``, a context manager):
   stopped;
 * power-off from inside a machine (the agent's watchdog, the boot script's dead-man
   switch): the instance is terminated in moto (or stopped, per its
-  ``InstanceInitiatedShutdownBehavior``) and its fake VM stops;
+  ``InstanceInitiatedShutdownBehavior``, read from the launch template version it came
+  from where moto ignores the template's) and its fake VM stops;
+* clients in other processes (``remote_options`` here, ``remote_executor_options``
+  there): they reach the cloud through its control socket, so that killing one (even
+  with SIGKILL) leaves the cloud and the machines to themselves;
 * faults: API errors (``ApiFaults``: capacity per type / zone / region / spot, quotas,
   throttling bursts, as botocore handlers on the session, so they reach every client the
   provider makes from it), spot interruption notices, machines that die, sshds that never
@@ -83,11 +87,13 @@ from vmexec.testing.fakevm import (
     FakeVMError,
     FakeVMHost,
     VMSpec,
+    control_request,
     stop_machines,
 )
 
 __all__ = ["LocalCloud", "ApiFaults", "Fault", "OffMachineRequestError", "build_wheelhouse",
-           "requirement_closure", "repack_installed", "FAKE_CREDENTIALS"]
+           "requirement_closure", "repack_installed", "remote_executor_options",
+           "FAKE_CREDENTIALS"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +111,11 @@ _LAUNCH_OPERATIONS = frozenset({"RunInstances", "CreateFleet", "TerminateInstanc
                                 "StopInstances", "StartInstances", "RequestSpotInstances"})
 _CAPACITY_OPERATIONS = ("RunInstances", "CreateFleet")
 _GONE_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
+# The cloud open in this process (at most one: moto's backends are process-wide).
+_OPEN: list["LocalCloud"] = []
+_OPEN_LOCK = threading.Lock()
+# What a call to moto may fail with while it is busy or going away.
+_MOTO_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError)
 
 
 class OffMachineRequestError(RuntimeError):
@@ -153,6 +164,52 @@ class Fault:
         return self.spot is None or self.spot == spot
 
 
+class _LaunchTemplates:
+    """Launch template data by (region, template, version), read once per numbered version.
+
+    Args:
+        lookup: ``region -> EC2 client`` to read them with (one without faults).
+    """
+
+    def __init__(self, lookup: Callable[[str], Any]) -> None:
+        self._lookup = lookup
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+    def data(self, region: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """The data of the template version ``spec`` names ({} when none or unreadable).
+
+        Args:
+            region: where the template is.
+            spec: a ``LaunchTemplateSpecification`` (``LaunchTemplateId`` or
+                ``LaunchTemplateName``, optional ``Version``: ``$Default`` when absent).
+        """
+        ident = spec.get("LaunchTemplateId") or spec.get("LaunchTemplateName")
+        if not ident:
+            return {}
+        version = str(spec.get("Version") or "$Default")
+        key = (region, str(ident), version)
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        args: dict[str, Any] = {"Versions": [version]}
+        if spec.get("LaunchTemplateId"):
+            args["LaunchTemplateId"] = spec["LaunchTemplateId"]
+        else:
+            args["LaunchTemplateName"] = spec["LaunchTemplateName"]
+        try:
+            versions = self._lookup(region).describe_launch_template_versions(**args)
+            data = versions["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+        except (botocore.exceptions.ClientError, IndexError, KeyError) as exc:
+            log.debug("launch template %s not readable: %s", ident, exc)
+            data = {}
+        # A numbered version never changes; $Latest and $Default move.
+        if version not in ("$Latest", "$Default"):
+            with self._lock:
+                self._cache[key] = data
+        return data
+
+
 class ApiFaults:
     """EC2 API errors injected into every client of a boto3 session (botocore events).
 
@@ -173,7 +230,7 @@ class ApiFaults:
         self._url = url
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
-        self._template_cache: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._templates = _LaunchTemplates(lookup)
         self._subnet_zones: dict[tuple[str, str], str] = {}
         events = session.events
         events.register("before-parameter-build.ec2.CreateFleet", self._fleet_params)
@@ -343,7 +400,7 @@ class ApiFaults:
         used: set[int] = set()
         for config in params.get("LaunchTemplateConfigs", []):
             spec = config.get("LaunchTemplateSpecification", {})
-            data = self._template(region, spec)
+            data = self._templates.data(region, spec)
             overrides = config.get("Overrides") or [{}]
             kept = []
             for override in overrides:
@@ -401,7 +458,7 @@ class ApiFaults:
                             ) -> tuple[Optional[str], Optional[str], bool]:
         """(instance type, zone, spot) of a RunInstances request's flattened params."""
         spec = {k.split(".", 1)[1]: v for k, v in body.items() if k.startswith("LaunchTemplate.")}
-        data = self._template(region, spec) if spec else {}
+        data = self._templates.data(region, spec) if spec else {}
         instance_type = body.get("InstanceType") or data.get("InstanceType")
         subnet = body.get("SubnetId") or body.get("NetworkInterface.1.SubnetId")
         zone = (body.get("Placement.AvailabilityZone") or self._zone_of_subnet(region, subnet)
@@ -411,32 +468,6 @@ class ApiFaults:
         market = body.get("InstanceMarketOptions.MarketType") or \
             data.get("InstanceMarketOptions", {}).get("MarketType")
         return instance_type, zone, market == "spot"
-
-    def _template(self, region: str, spec: dict[str, Any]) -> dict[str, Any]:
-        """The launch template data a request refers to (cached; {} when none)."""
-        ident = spec.get("LaunchTemplateId") or spec.get("LaunchTemplateName")
-        if not ident:
-            return {}
-        version = str(spec.get("Version") or "$Default")
-        key = (region, str(ident), version)
-        with self._lock:
-            if key in self._template_cache:
-                return self._template_cache[key]
-        args: dict[str, Any] = {"Versions": [version]}
-        if spec.get("LaunchTemplateId"):
-            args["LaunchTemplateId"] = spec["LaunchTemplateId"]
-        else:
-            args["LaunchTemplateName"] = spec["LaunchTemplateName"]
-        try:
-            versions = self._lookup(region).describe_launch_template_versions(**args)
-            data = versions["LaunchTemplateVersions"][0]["LaunchTemplateData"]
-        except (botocore.exceptions.ClientError, IndexError, KeyError) as exc:
-            log.debug("launch template %s not readable: %s", ident, exc)
-            data = {}
-        if version not in ("$Latest", "$Default"):
-            with self._lock:
-                self._template_cache[key] = data
-        return data
 
     def _zone_of_subnet(self, region: str, subnet: Optional[str]) -> Optional[str]:
         if not subnet:
@@ -556,6 +587,9 @@ class LocalCloud:
         self._host: Optional[FakeVMHost] = None
         self._saved_env: dict[str, Optional[str]] = {}
         self._internal: dict[str, Any] = {}
+        self._templates = _LaunchTemplates(self.client)
+        # Instance id -> the launch template version CreateFleet launched it from.
+        self._fleet_launches: dict[str, dict[str, str]] = {}
         self.api_calls: collections.Counter[tuple[str, str]] = collections.Counter()
         self.offmachine_requests: list[str] = []
         self.wheel_requests = 0
@@ -590,6 +624,13 @@ class LocalCloud:
             raise
 
     def _start(self) -> None:
+        with _OPEN_LOCK:
+            if _OPEN:
+                # A second cloud would reset the first's account, and both watchers
+                # would give every instance a fake VM of their own.
+                raise FakeVMError(f"{_OPEN[0]!r} is still open in this process: moto's "
+                                  "state is process-wide, close it before opening another")
+            _OPEN.append(self)
         server = _QuietMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         self._server = server
@@ -662,6 +703,9 @@ class LocalCloud:
         self._restore_environment()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        with _OPEN_LOCK:
+            if self in _OPEN:
+                _OPEN.remove(self)
 
     def __enter__(self) -> LocalCloud:
         self.start()
@@ -704,6 +748,25 @@ class LocalCloud:
         }
         options.update(overrides)
         return options
+
+    def remote_options(self, **overrides: Any) -> dict[str, Any]:
+        """``executor_options()`` for a client in another process, as plain data.
+
+        A session and ``address_for`` cannot cross a process boundary: that process
+        passes this (e.g. as JSON) to ``remote_executor_options()``, which rebuilds them
+        around this cloud's control socket. Start the process while the cloud is open:
+        it inherits the cloud's ``AWS_*`` environment (moto, fake credentials).
+
+        Args:
+            **overrides: replace or add options (JSON-serialisable ones).
+
+        Returns:
+            ``{"control": ..., "region": ..., "options": {...}}``.
+        """
+        options = self.executor_options(**overrides)
+        del options["session"], options["address_for"]
+        control = self._control.path if self._control is not None else ""
+        return {"control": control, "region": self._default_region, "options": options}
 
     def boot_env(self) -> dict[str, str]:
         """Variables the boot script should export: the harness's sshd restart and
@@ -938,13 +1001,10 @@ class LocalCloud:
     def _guard(self, request: Any, **_: Any) -> None:
         """``before-send``: refuse any request that is not for the moto server."""
         url = str(request.url)
-        if self.endpoint_url and (url == self.endpoint_url
-                                  or url.startswith(self.endpoint_url + "/")):
+        if self.endpoint_url and _for_endpoint(url, self.endpoint_url):
             return
         self.offmachine_requests.append(url)
-        raise OffMachineRequestError(
-            f"refusing a request to {url}: in the local cloud every AWS call must go to "
-            f"{self.endpoint_url} (pass endpoint_url= and session= to every client)")
+        raise _refused(url, self.endpoint_url)
 
     def _count_call(self, model: Any, context: dict[str, Any], **_: Any) -> None:
         """``before-call`` (registered before the faults'): count it, note its region."""
@@ -970,19 +1030,23 @@ class LocalCloud:
             self._wake.clear()
             if self._closing.is_set():
                 return
-            # A finished boot script frees a boot slot: that needs no look at moto.
-            self._start_boots()
             with self._lock:
                 requested, self._poll_requested = self._poll_requested, False
-            if not requested and time.monotonic() < next_poll:
-                continue
-            next_poll = time.monotonic() + self.poll_interval
+            polling = requested or time.monotonic() >= next_poll
+            if polling:
+                next_poll = time.monotonic() + self.poll_interval
             try:
-                due = self._poll_once()
-            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
-                    OSError) as exc:
+                # A finished boot script frees a boot slot: that needs no look at moto.
+                self._start_boots()
+                due = self._poll_once() if polling else None
+            except _MOTO_ERRORS as exc:
                 # moto busy or restarting: try again on the next poll.
                 log.warning("local cloud watcher: polling moto failed: %s", exc)
+                continue
+            except Exception:  # noqa: BLE001 - logged with its traceback, not swallowed
+                # Anything else would end this thread without a word, and with it every
+                # later boot and power-off of the cloud's machines.
+                log.exception("local cloud watcher: a poll failed (watching on)")
                 continue
             if due is not None:
                 # Come back when the next scheduled power-off is due, not a poll later.
@@ -1007,37 +1071,47 @@ class LocalCloud:
         to_stop: list[_Machine] = []
         with self._lock:
             known = dict(self._machines)
-        for instance_id, (region, inst) in seen.items():
-            state = inst["State"]["Name"]
-            machine = known.get(instance_id)
-            if machine is None:
-                if state in ("pending", "running"):
-                    self._adopt(region, inst)
-                continue
-            if state in _GONE_STATES and not machine.gone:
-                machine.gone = True
-                to_stop.append(machine)
-        now = time.monotonic()
-        for instance_id, machine in known.items():
-            if machine.gone:
-                continue
-            machine.vm.poll()
-            if instance_id not in seen:  # moto was reset under us
-                machine.gone = True
-                to_stop.append(machine)
-            elif machine.poweroff_at is not None and now >= machine.poweroff_at:
-                self._power_off(machine)
-                to_stop.append(machine)
-            elif machine.reclaim_at is not None and now >= machine.reclaim_at:
-                log.info("reclaiming spot instance %s", instance_id)
-                self.client(machine.region).terminate_instances(InstanceIds=[instance_id])
-                machine.gone = True
-                to_stop.append(machine)
-        if to_stop:
-            self._stop_machines([m.vm for m in to_stop])
+        try:
+            for instance_id, (region, inst) in seen.items():
+                state = inst["State"]["Name"]
+                machine = known.get(instance_id)
+                if machine is None:
+                    if state in ("pending", "running"):
+                        self._try(instance_id, self._adopt, region, inst)
+                    continue
+                if state in _GONE_STATES and not machine.gone:
+                    machine.gone = True
+                    to_stop.append(machine)
+            now = time.monotonic()
+            for instance_id, machine in known.items():
+                if machine.gone:
+                    continue
+                machine.vm.poll()
+                if instance_id not in seen:  # moto was reset under us
+                    machine.gone = True
+                elif machine.poweroff_at is not None and now >= machine.poweroff_at:
+                    self._try(instance_id, self._power_off, machine)
+                elif machine.reclaim_at is not None and now >= machine.reclaim_at:
+                    self._try(instance_id, self._reclaim, machine)
+                if machine.gone:
+                    to_stop.append(machine)
+        finally:
+            # Nothing looks at a machine marked gone again: stop it whatever failed after.
+            if to_stop:
+                self._stop_machines([m.vm for m in to_stop])
         deadlines = [t for m in known.values() if not m.gone
                      for t in (m.poweroff_at, m.reclaim_at) if t is not None]
         return min(deadlines) if deadlines else None
+
+    def _try(self, instance_id: str, step: Callable[..., None], *args: Any) -> None:
+        """Run one instance's step of a poll; an API error is logged, not raised: it must
+        not hold up the other instances' steps (their power-offs among them). The step
+        runs again on the next poll."""
+        try:
+            step(*args)
+        except _MOTO_ERRORS as exc:
+            log.warning("local cloud watcher: %s of %s failed, trying again on the next "
+                        "poll: %s", step.__name__.strip("_"), instance_id, exc)
 
     def _adopt(self, region: str, inst: dict[str, Any]) -> None:
         instance_id = inst["InstanceId"]
@@ -1045,8 +1119,6 @@ class LocalCloud:
         user_data = ec2.describe_instance_attribute(InstanceId=instance_id,
                                                     Attribute="userData")
         raw = user_data.get("UserData", {}).get("Value")
-        behavior = ec2.describe_instance_attribute(
-            InstanceId=instance_id, Attribute="instanceInitiatedShutdownBehavior")
         host, port = self.address_for(instance_id)
         spec = VMSpec(
             instance_id=instance_id,
@@ -1054,8 +1126,7 @@ class LocalCloud:
             host=host, port=port, region=region,
             zone=inst.get("Placement", {}).get("AvailabilityZone", ""),
             instance_type=inst.get("InstanceType", ""),
-            shutdown_behavior=behavior.get("InstanceInitiatedShutdownBehavior", {}).get(
-                "Value", "stop"))
+            shutdown_behavior=self._shutdown_behavior(region, inst))
         with self._lock:
             broken = instance_id in self._broken_ids or self._pending_broken > 0
             if instance_id not in self._broken_ids and self._pending_broken > 0:
@@ -1073,6 +1144,58 @@ class LocalCloud:
         with self._lock:
             self._boot_queue.append(vm)
         self._start_boots()
+
+    def _shutdown_behavior(self, region: str, inst: dict[str, Any]) -> str:
+        """What a power-off from inside does to ``inst``: ``"terminate"`` or ``"stop"``.
+
+        moto keeps ``InstanceInitiatedShutdownBehavior`` only when the launch call names
+        it: it ignores the launch template's (RunInstances from a template, and every
+        instance of a CreateFleet, which launches from templates only) and reports its
+        default, "stop". EC2 applies the template's value unless the launch call
+        overrides it, so a "stop" from moto defers to the template version the instance
+        was launched with. (A RunInstances that sets "stop" over a template's
+        "terminate" is then read as "terminate": moto cannot tell the two apart.)
+        """
+        instance_id = inst["InstanceId"]
+        answer = self.client(region).describe_instance_attribute(
+            InstanceId=instance_id, Attribute="instanceInitiatedShutdownBehavior")
+        reported = answer.get("InstanceInitiatedShutdownBehavior", {}).get("Value")
+        if reported == "terminate":
+            return reported
+        template = self._launch_template_of(region, inst)
+        data = self._templates.data(region, template) if template else {}
+        return str(data.get("InstanceInitiatedShutdownBehavior") or reported or "stop")
+
+    def _launch_template_of(self, region: str, inst: dict[str, Any]
+                            ) -> Optional[dict[str, str]]:
+        """The launch template version ``inst`` was launched from, or None.
+
+        EC2 (and moto, for RunInstances) tags such an instance with
+        ``aws:ec2launchtemplate:id`` and ``:version``; moto leaves CreateFleet's
+        instances untagged, but DescribeFleets lists each fleet's instances with the
+        template version they came from (read once per batch of new instances).
+        """
+        tags = {t.get("Key"): t.get("Value") for t in inst.get("Tags", [])}
+        if tags.get("aws:ec2launchtemplate:id"):
+            return {"LaunchTemplateId": str(tags["aws:ec2launchtemplate:id"]),
+                    "Version": str(tags.get("aws:ec2launchtemplate:version") or "$Default")}
+        instance_id = inst["InstanceId"]
+        with self._lock:
+            known = self._fleet_launches.get(instance_id)
+        if known is not None:
+            return known
+        found: dict[str, dict[str, str]] = {}
+        pages = self.client(region).get_paginator("describe_fleets").paginate()
+        for page in pages:
+            for fleet in page.get("Fleets", []):
+                for group in fleet.get("Instances", []):
+                    spec = group.get("LaunchTemplateAndOverrides", {}).get(
+                        "LaunchTemplateSpecification", {})
+                    for launched in group.get("InstanceIds", []):
+                        found[launched] = {k: str(v) for k, v in spec.items()}
+        with self._lock:
+            self._fleet_launches.update(found)
+        return found.get(instance_id)
 
     def _start_boots(self) -> bool:
         """Power on queued machines while fewer than ``max_concurrent_boots`` boot.
@@ -1122,6 +1245,12 @@ class LocalCloud:
             ec2.stop_instances(InstanceIds=[instance_id])
         machine.gone = True
 
+    def _reclaim(self, machine: _Machine) -> None:
+        """EC2 takes a spot instance back at the end of its interruption notice."""
+        log.info("reclaiming spot instance %s", machine.vm.id)
+        self.client(machine.region).terminate_instances(InstanceIds=[machine.vm.id])
+        machine.gone = True
+
     def _stop_machines(self, vms: list[FakeVM]) -> None:
         stop_machines(vms)
 
@@ -1129,6 +1258,8 @@ class LocalCloud:
 
     def _on_machine_request(self, marker: str, root: str, command: str,
                             args: list[str]) -> str:
+        if command in _CLIENT_REQUESTS:
+            return self._on_client_request(command, args)
         with self._lock:
             machine = next((m for m in self._machines.values()
                             if m.vm.marker == marker or (root and str(m.vm.root) == root)),
@@ -1150,6 +1281,25 @@ class LocalCloud:
         if command == "reboot":
             raise FakeVMError("a fake VM cannot reboot")
         raise FakeVMError(f"unknown request {command!r}")
+
+    def _on_client_request(self, command: str, args: list[str]) -> str:
+        """What a client in another process asks (``remote_executor_options``): what
+        ``address_for``, the guard and the after-call hook do for ``session``'s clients."""
+        if len(args) != 1:
+            raise FakeVMError(f"{command} takes one argument, not {args!r}")
+        if command == "address":
+            host, port = self.address_for(args[0])
+            return f"{host} {port}"
+        if command == "refused":
+            with self._lock:
+                self.offmachine_requests.append(args[0])
+            return "recorded"
+        # "launched": a launch or termination in a region, which this cloud may not poll
+        # yet: look at moto there now, as after the session's own calls.
+        with self._lock:
+            self._regions.add(args[0])
+        self._request_poll()
+        return "polling"
 
     # --- internals -----------------------------------------------------------------------
 
@@ -1257,6 +1407,55 @@ class _QuietMotoServer(ThreadedMotoServer):
                                    request_handler=Quiet)
         self._server_ready_event.set()
         self._server.serve_forever()
+
+
+# --- a client in another process ------------------------------------------------------
+
+# What such a client asks the cloud over its control socket (LocalCloud._on_client_request).
+_CLIENT_REQUESTS = frozenset({"address", "refused", "launched"})
+
+
+def remote_executor_options(remote: dict[str, Any]) -> dict[str, Any]:
+    """In a client process: the executor options ``LocalCloud.remote_options()`` gave.
+
+    The session has the cloud's fake credentials; its guard refuses any request not for
+    the moto server and reports it to the cloud (``offmachine_requests``), and its
+    launch and terminate calls make the cloud look at moto at once, in their region.
+    ``address_for`` asks the cloud, which fixes addresses as for a client in its own
+    process. Killing this process (even with SIGKILL) leaves the cloud untouched.
+
+    Args:
+        remote: what ``remote_options()`` returned.
+
+    Returns:
+        Options for ``VMExecutor(provider="ec2", ...)``.
+    """
+    control = str(remote["control"])
+    options = dict(remote["options"])
+    endpoint_url = str(options["endpoint_url"])
+    session = boto3.Session(region_name=remote["region"], **FAKE_CREDENTIALS)
+
+    def guard(request: Any, **_: Any) -> None:
+        url = str(request.url)
+        if not _for_endpoint(url, endpoint_url):
+            # Reported before refusing: the cloud's list must show it even when this
+            # process dies before anyone reads its error.
+            control_request(control, "refused", url)
+            raise _refused(url, endpoint_url)
+
+    def launched(model: Any, context: dict[str, Any], **_: Any) -> None:
+        if model.name in _LAUNCH_OPERATIONS:
+            control_request(control, "launched", _region_of(context))
+
+    def address_for(record: Any) -> tuple[str, int]:
+        instance_id = record if isinstance(record, str) else record.id
+        host, port = control_request(control, "address", instance_id).split()
+        return host, int(port)
+
+    session.events.register("before-send", guard)
+    session.events.register("after-call.ec2", launched)
+    options.update(session=session, address_for=address_for)
+    return options
 
 
 # --- the machines' package index -------------------------------------------------------
@@ -1504,6 +1703,16 @@ def _reset_moto(endpoint_url: str) -> None:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(request, timeout=30) as response:
         response.read()
+
+
+def _for_endpoint(url: str, endpoint_url: str) -> bool:
+    return url == endpoint_url or url.startswith(endpoint_url + "/")
+
+
+def _refused(url: str, endpoint_url: str) -> OffMachineRequestError:
+    return OffMachineRequestError(
+        f"refusing a request to {url}: in the local cloud every AWS call must go to "
+        f"{endpoint_url} (pass endpoint_url= and session= to every client)")
 
 
 def _has_tag(resource: dict[str, Any], key: str) -> bool:
