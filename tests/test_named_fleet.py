@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -133,9 +134,19 @@ def test_reuse_resync_keepalive_and_cleanup_on_the_local_cloud(
 
         # 4. keepalive=1 for this client: its dead-man switch turns the machine off
         #    (terminated: InstanceInitiatedShutdownBehavior) a second after the agent.
-        cloud.wait_for(lambda: all(i["State"]["Name"] == "terminated"
-                                   for i in cloud.instances()), timeout=60)
-        boot_log = (cloud.vm(machine).root / "var" / "log" / "vmexec-boot.log").read_text()
+        root = cloud.vm(machine).root
+        try:
+            cloud.wait_for(lambda: all(i["State"]["Name"] == "terminated"
+                                       for i in cloud.instances()), timeout=60)
+        except TimeoutError:
+            agents = subprocess.run(["pgrep", "-af", "vmexec.agent"], capture_output=True,
+                                    text=True).stdout
+            grace = root / "opt" / "vmexec" / "agent-grace"
+            pytest.fail(f"the machine did not power off: {cloud.instances()}\nagent-grace: "
+                        f"{grace.read_text() if grace.exists() else 'missing'!r}\n"
+                        f"agents:\n{agents}\nboot log ends:\n"
+                        f"{(root / 'var/log/vmexec-boot.log').read_text()[-2000:]}")
+        boot_log = (root / "var" / "log" / "vmexec-boot.log").read_text()
         assert "powering off: no vmexec agent for 1s" in boot_log
 
         # 5. What the named fleet still holds (its security group, staged environment)
