@@ -141,7 +141,7 @@ def test_reuse_resync_keepalive_and_cleanup_on_the_local_cloud(
         except TimeoutError:
             agents = subprocess.run(["pgrep", "-af", "vmexec.agent"], capture_output=True,
                                     text=True).stdout
-            grace = root / "opt" / "vmexec" / "agent-grace"
+            grace = root / "opt" / "vmexec" / "client" / "agent-grace"
             pytest.fail(f"the machine did not power off: {cloud.instances()}\nagent-grace: "
                         f"{grace.read_text() if grace.exists() else 'missing'!r}\n"
                         f"agents:\n{agents}\nboot log ends:\n"

@@ -797,7 +797,8 @@ class EC2Provider(Provider):
             if self.environment is not None:
                 self._install_environment(record, ssh, deadline - clock.monotonic())
             transport = policy(ssh, agent_command(
-                agent_grace=int(self.keepalive) if self.fleet_name else None), 30.0)
+                agent_grace=int(self.keepalive) if self.fleet_name else None,
+                note_start=True), 30.0)
         except _BootFailed as failed:
             raise TransportError(f"{record.label}: the boot script failed: {failed}") from None
         except TransportError as exc:

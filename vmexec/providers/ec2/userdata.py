@@ -24,7 +24,9 @@ directory on one computer; on a real machine the variable is unset. The script:
    off (``${VMEXEC_POWEROFF:-shutdown -h now}``; the instance then terminates) when
    ``var/lib/vmexec/heartbeat`` is older than the grace period — the loop refreshes it
    while an agent process is running, since the agent's own watchdog covers a vanished
-   client — and after ``max_lifetime``;
+   client; the client also notes each agent start in ``opt/vmexec/client/`` (with a
+   named fleet's keepalive), so that a short-lived agent counts too — and after
+   ``max_lifetime``;
 3. installs the host key in ``$VMEXEC_ROOT/etc/ssh/`` and the client's public key in the
    login user's ``authorized_keys``, then restarts sshd
    (``${VMEXEC_SSHD_RELOAD:-systemctl restart sshd}``);
@@ -305,11 +307,18 @@ while true; do
   fi
   if agent_running; then touch "$STATE/heartbeat"; seen_agent=1; fi
   last=$(stat -c %Y "$STATE/heartbeat" 2>/dev/null || echo "$start")
+  # The client notes each agent it starts: one too short-lived for this loop to see
+  # still counts, and its start is as recent as a heartbeat.
+  started=$(stat -c %Y "$R/opt/vmexec/client/agent-started" 2>/dev/null || echo 0)
+  if [ "$started" -gt 0 ]; then
+    seen_agent=1
+    [ "$started" -gt "$last" ] && last="$started"
+  fi
   limit="$GRACE"
   if [ "$seen_agent" = 1 ]; then
     limit="$AFTER"
     # A named fleet's later client sets its own keepalive for the machines it reuses.
-    g=$(cat "$R/opt/vmexec/agent-grace" 2>/dev/null)
+    g=$(cat "$R/opt/vmexec/client/agent-grace" 2>/dev/null)
     case "$g" in ''|*[!0-9]*) ;; *) limit="$g";; esac
   fi
   if [ $((now - last)) -ge "$limit" ]; then
@@ -367,8 +376,9 @@ chmod 600 "$HOME_DIR/.ssh/authorized_keys"
 if [ "$(id -u)" = 0 ] && id "$USER_NAME" >/dev/null 2>&1; then
   chown -R "$USER_NAME" "$HOME_DIR/.ssh"
 fi
-: >"$R/opt/vmexec/agent-grace"  # written by the client at each connection (agent_command)
-if [ "$(id -u)" = 0 ]; then chown "$USER_NAME" "$R/opt/vmexec/agent-grace" 2>/dev/null; fi
+# Written by the client's sessions as they start agents (agent_command).
+mkdir -p "$R/opt/vmexec/client" || fail "cannot create $R/opt/vmexec/client"
+if [ "$(id -u)" = 0 ]; then chown "$USER_NAME" "$R/opt/vmexec/client" 2>/dev/null; fi
 if [ -n "${{VMEXEC_SSHD_RELOAD:-}}" ]; then
   eval "$VMEXEC_SSHD_RELOAD" || fail "sshd reload failed: $VMEXEC_SSHD_RELOAD"
 else
@@ -473,7 +483,8 @@ def render_userdata(spec: BootSpec) -> str:
 _ROOT = "${VMEXEC_ROOT:-}"
 
 
-def agent_command(root: str = _ROOT, agent_grace: Optional[int] = None) -> str:
+def agent_command(root: str = _ROOT, agent_grace: Optional[int] = None,
+                  note_start: bool = False) -> str:
     """The remote command that starts the agent from the machine's environment.
 
     Args:
@@ -482,12 +493,19 @@ def agent_command(root: str = _ROOT, agent_grace: Optional[int] = None) -> str:
         agent_grace: tell the machine's dead-man switch to power off this many seconds
             after the agent ends (a named fleet's keepalive: a reused machine was booted
             by an earlier client with that client's setting).
+        note_start: tell the dead-man switch that an agent starts (it also watches the
+            process list, but may miss an agent that lives less than its interval).
     """
     agent = f"{root}/opt/vmexec/venv/bin/python -m vmexec.agent"
-    if agent_grace is None:
+    notes = []
+    if agent_grace is not None:
+        notes.append(f"printf '%s\\n' {int(agent_grace)} >\"{root}/opt/vmexec/client/"
+                     "agent-grace\" 2>/dev/null")
+    if note_start:
+        notes.append(f"touch \"{root}/opt/vmexec/client/agent-started\" 2>/dev/null")
+    if not notes:
         return agent
-    return (f"printf '%s\\n' {int(agent_grace)} >\"{root}/opt/vmexec/agent-grace\" "
-            f"2>/dev/null; exec {agent}")
+    return "; ".join([*notes, f"exec {agent}"])
 
 
 def probe_command(wait_seconds: int, tail_bytes: int = 4000, root: str = _ROOT) -> str:
