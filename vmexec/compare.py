@@ -144,7 +144,7 @@ def compare(fn: Callable[..., Any], *args: Any, instance_types: Sequence[str],
     prices = _price_book(name, options)
 
     def run(candidate: Candidate) -> None:
-        cloud = {"instance_type": candidate.instance_type}
+        cloud: dict[str, Any] = {"instance_type": candidate.instance_type}
         if candidate.region != "default":
             cloud["regions"] = candidate.region
         if prices is not None and candidate.region != "default":

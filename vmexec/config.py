@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from vmexec.errors import ConfigError
 
@@ -150,12 +150,12 @@ class SchedulerConfig:
                    max_tasks_per_child=max_tasks_per_child, **picked)
 
 
-    def shared_with(self, provider_class: type) -> dict[str, Any]:
+    def shared_with(self, provider_class: Callable[..., Any]) -> dict[str, Any]:
         """The fields that ``provider_class.__init__`` also takes, with their values."""
         import inspect
 
         try:
-            parameters = inspect.signature(provider_class.__init__).parameters
+            parameters = inspect.signature(provider_class).parameters
         except (TypeError, ValueError):
             return {}
         shared = ("boot_timeout", "max_lifetime", "keepalive")

@@ -75,7 +75,8 @@ class VMExecutor(Executor):
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         name = provider_from_environment(provider)
-        provider_class = get_provider_class(name)
+        # Every provider takes max_workers (the base class does not declare __init__).
+        provider_class: Callable[..., Provider] = get_provider_class(name)
         # Settings both layers use (e.g. a cloud provider bakes boot_timeout and
         # max_lifetime into the machine's own dead-man switch) go to the provider too.
         shared = config.shared_with(provider_class)

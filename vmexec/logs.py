@@ -69,6 +69,6 @@ def emit_remote(machine: str, pid: int, stream: str, level: int, name: str, text
     else:
         message = "\n".join(f"{prefix} {line}" for line in text.split("\n"))
     record = worker_logger.makeRecord(
-        worker_logger.name, level, "(remote)", 0, message, None, None,
+        worker_logger.name, level, "(remote)", 0, message, (), None,
         extra={"machine": machine, "worker_pid": pid, "stream": stream, "remote_logger": name})
     worker_logger.handle(record)

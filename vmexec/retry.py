@@ -262,11 +262,14 @@ def booting(
         error = outcome.exception() if outcome is not None else None
         log.debug("%s not reachable yet (attempt %d): %s", what, state.attempt_number, error)
 
+    def sleep(seconds: float) -> None:
+        clock.wait(stop_event, seconds)  # returns early when stop_event is set
+
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(retry_on),
         wait=wait,
         stop=stop,
-        sleep=lambda seconds: clock.wait(stop_event, seconds),
+        sleep=sleep,
         before_sleep=before_sleep,
         reraise=True,
     )

@@ -43,7 +43,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
-from typing import Any, Deque, Optional
+from typing import Any, Deque, Optional, cast
 
 from vmexec import protocol
 from vmexec.config import SchedulerConfig
@@ -398,7 +398,9 @@ class Scheduler:
 
         An idle machine still costs money; the fleet grows back when work arrives.
         """
-        keepalive, lifetime = self._config.keepalive, self._config.max_lifetime
+        # Parsed to seconds by SchedulerConfig (which also accepts "20 minutes").
+        keepalive = cast(Optional[float], self._config.keepalive)
+        lifetime = cast(Optional[float], self._config.max_lifetime)
         retire = []
         with self._lock:
             for machine in self._machines:
@@ -579,7 +581,8 @@ class Scheduler:
             protocol.check_compatible(self._local_info, hello, where=f"machine {record.label}")
             agent_options = self._provider.agent_options(record)
             # The machine's installed environment must be the one this client synced.
-            check_skew(agent_options.get("environment_hash"), hello.get("environment_hash"),
+            expected = agent_options.get("environment_hash")
+            check_skew(str(expected) if expected else None, hello.get("environment_hash"),
                        machine=f"machine {record.label}")
             slots = record.slots or int(hello.get("cpu_count", 1))
             with self._lock:
@@ -760,10 +763,10 @@ class Scheduler:
             except Exception:  # already failed (fleet broke) or cancelled: first wins
                 pass
             return
-        exc, tb_text = value
-        exc.__cause__ = RemoteTraceback(
+        error, tb_text = value
+        error.__cause__ = RemoteTraceback(
             f'\n"""\nTraceback from machine {machine.label}:\n{tb_text}"""')
-        _set_exception(item.future, exc)
+        _set_exception(item.future, error)
 
     def _requeue_or_fail_locked(self, item: WorkItem, why: str) -> Optional[BaseException]:
         item.attempts += 1

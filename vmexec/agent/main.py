@@ -238,8 +238,8 @@ class Agent:
                 _limit_native_threads(self.slots)
                 # The agent pointed sys.stdout at stderr; the worker's print() must go
                 # to its own stdout pipe.
-                sys.stdout = sys.__stdout__ = os.fdopen(1, "w", buffering=1)
-                sys.stderr = sys.__stderr__ = os.fdopen(2, "w", buffering=1)
+                sys.stdout = sys.__stdout__ = os.fdopen(1, "w", buffering=1)  # type: ignore[misc]
+                sys.stderr = sys.__stderr__ = os.fdopen(2, "w", buffering=1)  # type: ignore[misc]
                 code = run_worker(task_r, result_w, self.initializer, self.max_tasks,
                                   self.log_level)
             finally:
@@ -533,16 +533,18 @@ class Agent:
                 timeout = max(0.0, min(self.last_sent + self.heartbeat_interval,
                                        self.last_heard + self.watchdog_timeout) - now)
                 for fd in self.poller.poll(timeout):
-                    what, worker = self.poller.handlers.get(fd, (None, None))
+                    what, worker = self.poller.handlers.get(fd, ("", None))
                     if what == "client":
                         if not self._on_client_data():
                             self.stopping = True
+                    elif worker is None:
+                        continue  # unregistered while this batch of events was read
                     elif what == "result":
                         if worker.alive:
                             self._on_worker_result(worker)
                     elif what == "task":
                         self._flush_worker(worker)
-                    elif what is not None and worker.alive:
+                    elif worker.alive:
                         if not self._drain_output(worker, what, fd):
                             self.poller.unregister(fd)
                 if self.stopping:

@@ -127,5 +127,5 @@ def _storage_gb(provider: Any) -> float:
     images = getattr(provider, "images", None) or {}
     sizes = [getattr(image, "root_size_gb", None) for per_region in images.values()
              for image in (per_region.values() if isinstance(per_region, dict) else [])]
-    sizes = [s for s in sizes if s]
-    return float(max(sizes)) if sizes else 0.0
+    known = [float(s) for s in sizes if s]
+    return max(known) if known else 0.0

@@ -357,7 +357,8 @@ class ApiFaults:
             capacity_ok = True  # pools were handled in _fleet_params
         else:
             capacity_ok = False
-        body = params.get("body") if isinstance(params.get("body"), dict) else {}
+        given = params.get("body")
+        body: dict[str, Any] = given if isinstance(given, dict) else {}
         pool: Optional[tuple[Optional[str], Optional[str], bool]] = None
         with self._lock:
             faults = list(self._faults)
@@ -1205,7 +1206,7 @@ class LocalCloud:
         """
         with self._lock:
             booting = sum(1 for m in self._machines.values() if m.vm.boot_running)
-            chosen = []
+            chosen: list[FakeVM] = []
             while self._boot_queue and booting + len(chosen) < self.max_concurrent_boots:
                 vm = self._boot_queue.popleft()
                 if vm.state == "created":  # not terminated while it waited
@@ -1743,8 +1744,8 @@ def _real_tool(name: str) -> Optional[str]:
             return os.path.realpath(found)
         except (ImportError, FileNotFoundError):
             pass
-    found = shutil.which(name)
-    return os.path.realpath(found) if found else None
+    on_path = shutil.which(name)
+    return os.path.realpath(on_path) if on_path else None
 
 
 def _tree_digest(source: Path) -> str:

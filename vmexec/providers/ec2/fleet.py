@@ -184,7 +184,7 @@ def describe_region(clients: RegionClients, instance_types: Sequence[str]) -> Re
 
 
 def _offered_type_names(ec2: Any, region: str) -> tuple[str, ...]:
-    names = set()
+    names: set[str] = set()
     paginator = ec2.get_paginator("describe_instance_type_offerings")
     for page in paginator.paginate(LocationType="region"):
         names.update(o["InstanceType"] for o in page.get("InstanceTypeOfferings", []))
@@ -411,9 +411,9 @@ class Launcher:
         ordered = zones[turn % len(zones):] + zones[:turn % len(zones)]
         zone_of_subnet = {setup.subnets[z]: z for z in ordered}
         overrides = []
-        for priority, zone in enumerate(ordered):
+        for priority, subnet_zone in enumerate(ordered):
             override: dict[str, Any] = {"InstanceType": group.instance_type,
-                                        "SubnetId": setup.subnets[zone],
+                                        "SubnetId": setup.subnets[subnet_zone],
                                         "ImageId": image.image_id}
             if group.purchase == "on-demand":
                 override["Priority"] = float(priority)
@@ -453,15 +453,15 @@ class Launcher:
         records = []
         for entry in answer.get("Instances", []):
             overrides_used = entry.get("LaunchTemplateAndOverrides", {}).get("Overrides", {})
-            zone = zone_of_subnet.get(overrides_used.get("SubnetId", ""))
+            placed = zone_of_subnet.get(overrides_used.get("SubnetId", ""))
             instance_type = entry.get("InstanceType", group.instance_type)
             info = self.type_infos.get(instance_type, self.type_infos[group.instance_type])
             for instance_id in entry.get("InstanceIds", []):
                 records.append(MachineRecord(
                     id=instance_id,
-                    label=f"{instance_id} ({zone or group.region} {instance_type})",
+                    label=f"{instance_id} ({placed or group.region} {instance_type})",
                     slots=self.slots(instance_type), provider=self.provider_name,
-                    state="pending", region=group.region, zone=zone,
+                    state="pending", region=group.region, zone=placed,
                     instance_type=instance_type, arch=info.arch,
                     spot=entry.get("Lifecycle", group.purchase) == "spot",
                 ))
@@ -473,18 +473,18 @@ class Launcher:
             kind = ec2_errors.classify(code)
             subnet = error.get("LaunchTemplateAndOverrides", {}).get("Overrides", {}) \
                 .get("SubnetId")
-            zone = zone_of_subnet.get(subnet or "")
+            failed = zone_of_subnet.get(subnet or "")
             if kind == "capacity":
-                self._note(state, group, zone, code, message)
-                if zone:
-                    failed_zones.add(zone)
+                self._note(state, group, failed, code, message)
+                if failed:
+                    failed_zones.add(failed)
                 else:
                     group_failed = True
             elif kind == "quota":
                 raise self._quota(code, group, count, message)
             elif kind == "throttling":
                 group_failed = True  # partial answer under throttling: let fallback retry
-                self._note(state, group, zone, code, message)
+                self._note(state, group, failed, code, message)
             else:
                 raise VMExecError(f"EC2 CreateFleet in {group.region} failed for "
                                   f"{group.instance_type}: {code}: {message}")
