@@ -127,13 +127,13 @@ def test_reuse_resync_keepalive_and_cleanup_on_the_local_cloud(
 
         # 3. Only the user's code changed: the same machine, the same venv, new code.
         (code / "fleetmath.py").write_text("def scale(x):\n    return 4 * x\n")
-        results, provider = run(keepalive=1)
+        results, provider = run(keepalive=2)
         assert [r[0] for r in results] == [0, 4, 8, 12, 16, 20]
         assert {r[1] for r in results} == machines and launches() == calls
         assert (venv / "made-by-run-1").exists()
 
-        # 4. keepalive=1 for this client: its dead-man switch turns the machine off
-        #    (terminated: InstanceInitiatedShutdownBehavior) a second after the agent.
+        # 4. keepalive=2 for this client: its dead-man switch turns the machine off
+        #    (terminated: InstanceInitiatedShutdownBehavior) seconds after the agent.
         root = cloud.vm(machine).root
         try:
             cloud.wait_for(lambda: all(i["State"]["Name"] == "terminated"
@@ -147,7 +147,7 @@ def test_reuse_resync_keepalive_and_cleanup_on_the_local_cloud(
                         f"agents:\n{agents}\nboot log ends:\n"
                         f"{(root / 'var/log/vmexec-boot.log').read_text()[-2000:]}")
         boot_log = (root / "var" / "log" / "vmexec-boot.log").read_text()
-        assert "powering off: no vmexec agent for 1s" in boot_log
+        assert "powering off: no vmexec agent for 2s" in boot_log
 
         # 5. What the named fleet still holds (its security group, staged environment)
         #    goes with `vmexec cleanup --fleet`.
@@ -260,3 +260,31 @@ def test_machines_another_client_is_using_are_not_adopted(make_provider: Any,
     third = make_provider(4, name="shared-run", **ONE_REGION)
     assert sorted(r.id for r in third.launch(4)) == sorted([mine.id, theirs.id])
     assert launches(calls) == before + 1
+
+
+def test_keep_active_marks_a_setup_in_progress_and_dies_with_its_session(
+        tmp_path: Path) -> None:
+    """An install over SSH keeps the dead-man switch from firing under it, and a lost
+    session cannot keep a machine alive."""
+    import signal
+    import time
+
+    from vmexec.providers.ec2.userdata import keep_active_command
+
+    active = tmp_path / "opt" / "vmexec" / "client" / "active"
+    active.parent.mkdir(parents=True)
+    done = subprocess.run(["sh", "-c", keep_active_command("sleep 1.2; exit 3",
+                                                           root=str(tmp_path), every=1)])
+    assert done.returncode == 3 and active.exists()  # the command's status is kept
+
+    # The session's shell is killed (the connection broke): the toucher stops.
+    session = subprocess.Popen(["sh", "-c", keep_active_command(
+        "sleep 30", root=str(tmp_path), every=1)], start_new_session=True)
+    time.sleep(1.5)
+    os.kill(session.pid, signal.SIGKILL)
+    session.wait()
+    time.sleep(2.5)  # the toucher notices within `every` seconds
+    stamp = active.stat().st_mtime
+    time.sleep(2.0)
+    assert active.stat().st_mtime == stamp
+    os.killpg(session.pid, signal.SIGKILL)  # the orphaned `sleep 30`

@@ -104,6 +104,7 @@ from vmexec.providers.ec2.userdata import (
     BootSpec,
     FleetKeys,
     agent_command,
+    keep_active_command,
     named_fleet_directory,
     probe_command,
     render_userdata,
@@ -840,8 +841,9 @@ class EC2Provider(Provider):
         does not grow with the number of machines.
         """
         script = self._install_script(record.region or "")
-        command = ("PY=$(cat \"${VMEXEC_ROOT:-}/var/lib/vmexec/python\" 2>/dev/null); "
-                   f"export PY; bash -c {shlex.quote(script)} 2>&1 && echo {_INSTALLED}")
+        command = keep_active_command(
+            "PY=$(cat \"${VMEXEC_ROOT:-}/var/lib/vmexec/python\" 2>/dev/null); "
+            f"export PY; bash -c {shlex.quote(script)} 2>&1 && echo {_INSTALLED}")
         output = _read_all(ssh(command, 60.0), max(60.0, seconds))
         if _INSTALLED not in output:
             raise _BootFailed(f"installing the environment failed:\n{output[-1500:]}")

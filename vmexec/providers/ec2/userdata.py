@@ -70,6 +70,7 @@ __all__ = [
     "named_fleet_directory",
     "render_userdata",
     "agent_command",
+    "keep_active_command",
     "probe_command",
     "READY",
     "FAILED",
@@ -307,13 +308,12 @@ while true; do
   fi
   if agent_running; then touch "$STATE/heartbeat"; seen_agent=1; fi
   last=$(stat -c %Y "$STATE/heartbeat" 2>/dev/null || echo "$start")
-  # The client notes each agent it starts: one too short-lived for this loop to see
-  # still counts, and its start is as recent as a heartbeat.
-  started=$(stat -c %Y "$R/opt/vmexec/client/agent-started" 2>/dev/null || echo 0)
-  if [ "$started" -gt 0 ]; then
-    seen_agent=1
-    [ "$started" -gt "$last" ] && last="$started"
-  fi
+  # The client notes each agent it starts (one too short-lived for this loop to see
+  # still counts), and keeps "active" fresh while it probes, installs and starts one
+  # (a reused machine must not power off under a client that is setting it up).
+  [ -e "$R/opt/vmexec/client/agent-started" ] && seen_agent=1
+  active=$(stat -c %Y "$R/opt/vmexec/client/active" 2>/dev/null || echo 0)
+  [ "$active" -gt "$last" ] && last="$active"
   limit="$GRACE"
   if [ "$seen_agent" = 1 ]; then
     limit="$AFTER"
@@ -321,7 +321,7 @@ while true; do
     g=$(cat "$R/opt/vmexec/client/agent-grace" 2>/dev/null)
     case "$g" in ''|*[!0-9]*) ;; *) limit="$g";; esac
   fi
-  if [ $((now - last)) -ge "$limit" ]; then
+  if [ $((now - last)) -gt "$limit" ]; then
     why="no vmexec agent for ${{limit}}s"; break
   fi
   sleep "$INTERVAL"
@@ -498,14 +498,29 @@ def agent_command(root: str = _ROOT, agent_grace: Optional[int] = None,
     """
     agent = f"{root}/opt/vmexec/venv/bin/python -m vmexec.agent"
     notes = []
+    if note_start:  # first: the new grace must not apply to the time before this start
+        notes.append(f"touch \"{root}/opt/vmexec/client/agent-started\" "
+                     f"\"{root}/opt/vmexec/client/active\" 2>/dev/null")
     if agent_grace is not None:
         notes.append(f"printf '%s\\n' {int(agent_grace)} >\"{root}/opt/vmexec/client/"
                      "agent-grace\" 2>/dev/null")
-    if note_start:
-        notes.append(f"touch \"{root}/opt/vmexec/client/agent-started\" 2>/dev/null")
     if not notes:
         return agent
     return "; ".join([*notes, f"exec {agent}"])
+
+
+def keep_active_command(command: str, root: str = _ROOT, every: int = 5) -> str:
+    """``command`` (sh), with the dead-man switch told that a client is active meanwhile.
+
+    A machine being set up for a client (an install over SSH that takes minutes) runs no
+    agent; without this, a machine reused near the end of its keepalive could power off
+    under it. The toucher stops within ``every`` seconds of the session's shell: a lost
+    connection cannot keep the machine alive.
+    """
+    active = f"{root}/opt/vmexec/client/active"
+    return (f"(while kill -0 $$ 2>/dev/null && touch \"{active}\" 2>/dev/null; "
+            f"do sleep {int(every)}; done) >/dev/null 2>&1 & vx_active=$!; "
+            f"{command}; vx_status=$?; kill $vx_active 2>/dev/null; exit $vx_status")
 
 
 def probe_command(wait_seconds: int, tail_bytes: int = 4000, root: str = _ROOT) -> str:
@@ -519,6 +534,7 @@ def probe_command(wait_seconds: int, tail_bytes: int = 4000, root: str = _ROOT) 
     state = f"{root}/var/lib/vmexec"
     log = f"{root}/var/log/vmexec-boot.log"
     script = (
+        f'touch "{root}/opt/vmexec/client/active" 2>/dev/null; '
         f'i=0; while [ "$i" -lt {int(wait_seconds)} ]; do '
         f'if [ -e "{state}/ready" ]; then echo "{READY} {root}"; exit 0; fi; '
         f'if [ -e "{state}/failed" ]; then echo {FAILED}; cat "{state}/failed"; '
