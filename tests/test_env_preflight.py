@@ -166,9 +166,11 @@ def test_source_only_packages(tmp_path: Path) -> None:
     try:
         six = importlib.metadata.distribution("six")
     except importlib.metadata.PackageNotFoundError:
-        pytest.skip("six is not installed here")
+        pytest.skip("six is not installed here (it is in the test extras: "
+                    "pip install -e '.[test]')")
     if "none-any" not in (six.read_text("WHEEL") or ""):
-        pytest.skip("six is not installed from a pure wheel here")
+        pytest.skip("six is installed here from something else than a pure wheel "
+                    "(pip install --force-reinstall six)")
     make_sdist(tmp_path, "six", six.version)
     result = preflight(spec_of(f"six=={six.version}"), ["aarch64"],
                        find_links=[str(tmp_path)])["aarch64"]

@@ -34,7 +34,7 @@ from vmexec.errors import ConfigError
 from vmexec.providers.base import MachineRecord
 from vmexec.providers.ec2 import errors as ec2_errors
 from vmexec.providers.ec2.plan import TypeInfo
-from vmexec.providers.ec2.resources import TAG_CLIENT, TAG_FLEET, TAG_OWNER
+from vmexec.providers.ec2.resources import TAG_CLIENT, TAG_FLEET, TAG_OWNER, tags_of
 
 __all__ = ["NamedFleetState", "fleet_id_for", "find_named", "check_owner", "adopt"]
 
@@ -66,10 +66,6 @@ class NamedFleetState:
     owners: set[str] = dataclasses.field(default_factory=set)
 
 
-def _tags(item: Mapping[str, Any]) -> dict[str, str]:
-    return {t["Key"]: t["Value"] for t in item.get("Tags", []) or []}
-
-
 def find_named(ec2: Any, region: str, fleet_id: str) -> NamedFleetState:
     """Look up the named fleet ``fleet_id`` in ``region`` (three describe calls).
 
@@ -85,7 +81,7 @@ def find_named(ec2: Any, region: str, fleet_id: str) -> NamedFleetState:
             for reservation in page.get("Reservations", []):
                 for item in reservation.get("Instances", []):
                     state.instances.append(item)
-                    state.owners.add(_tags(item).get(TAG_OWNER, ""))
+                    state.owners.add(tags_of(item).get(TAG_OWNER, ""))
     except ClientError as exc:
         raise ec2_errors.translate(exc, operation="DescribeInstances", region=region) from exc
     groups = ec2_errors.call("DescribeSecurityGroups", region, ec2.describe_security_groups,
@@ -93,7 +89,7 @@ def find_named(ec2: Any, region: str, fleet_id: str) -> NamedFleetState:
     for item in groups.get("SecurityGroups", []):
         if item.get("GroupName") == f"vmexec-{fleet_id}":
             state.security_group = item["GroupId"]
-            state.owners.add(_tags(item).get(TAG_OWNER, ""))
+            state.owners.add(tags_of(item).get(TAG_OWNER, ""))
     templates = ec2_errors.call("DescribeLaunchTemplates", region,
                                 ec2.describe_launch_templates, Filters=[tag])
     state.launch_templates = [t["LaunchTemplateId"]
@@ -139,7 +135,7 @@ def adopt(states: Mapping[str, NamedFleetState],
         for item in state.instances:
             instance_id = item["InstanceId"]
             itype = item.get("InstanceType", "")
-            user = _tags(item).get(TAG_CLIENT)
+            user = tags_of(item).get(TAG_CLIENT)
             if user:
                 busy.append(f"{instance_id} ({user})")
                 continue

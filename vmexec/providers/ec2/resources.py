@@ -281,7 +281,8 @@ class Resource:
         return (now or utc_now()) - self.created
 
 
-def _tags(item: Mapping[str, Any]) -> dict[str, str]:
+def tags_of(item: Mapping[str, Any]) -> dict[str, str]:
+    """The ``Tags`` of a describe-call entry as a dict."""
     return {t["Key"]: t["Value"] for t in item.get("Tags", []) or []}
 
 
@@ -299,7 +300,7 @@ def _parse_time(value: Any) -> Optional[datetime.datetime]:
 
 def _resource(region: str, kind: str, rid: str, item: Mapping[str, Any], state: str,
               api_time: Any = None, detail: str = "") -> Resource:
-    tags = _tags(item)
+    tags = tags_of(item)
     return Resource(region=region, kind=kind, id=rid, fleet=tags.get(TAG_FLEET, ""),
                     name=tags.get(TAG_NAME, tags.get("Name", "")), state=state,
                     owner=tags.get(TAG_OWNER, ""),
@@ -642,27 +643,47 @@ def _run_regions(clients: Mapping[str, Any], fleet: Optional[str],
                  extra: Mapping[str, Iterable[str]], clock: Optional[retry.Clock],
                  dependency_timeout: float,
                  select: Optional[Callable[[Resource], bool]] = None) -> TeardownSummary:
-    started = time.monotonic()
     clock = clock or retry.current_clock()
-    summary = TeardownSummary(fleet=fleet, regions=list(clients))
-    totals: collections.Counter[str] = collections.Counter()
 
-    def one(region: str) -> tuple[str, Any]:
+    def one(region: str) -> _RegionOutcome:
+        deleted, remaining = _clean_region(clients[region], region, fleet, older_than,
+                                           extra.get(region, ()), clock, dependency_timeout,
+                                           select)
+        return deleted, remaining, []
+
+    return _summarize(TeardownSummary(fleet=fleet, regions=list(clients)), one,
+                      "vmexec-ec2-cleanup")
+
+
+# What one region's cleanup did: deleted (kind -> count), still there, kept on purpose.
+_RegionOutcome = tuple[collections.Counter[str], list[Resource], list[Resource]]
+
+
+def _summarize(summary: TeardownSummary, one: Callable[[str], _RegionOutcome],
+               thread_name: str) -> TeardownSummary:
+    """Run ``one`` for every region of ``summary`` in parallel and fold the outcomes in.
+
+    A region that fails is reported in ``summary.errors``; the others carry on.
+    """
+    started = time.monotonic()
+
+    def guarded(region: str) -> Any:
         try:
-            return region, _clean_region(clients[region], region, fleet, older_than,
-                                         extra.get(region, ()), clock, dependency_timeout,
-                                         select)
-        except Exception as exc:  # reported in the summary; other regions carry on
+            return one(region)
+        except Exception as exc:
             log.error("%s: cleanup failed: %s", region, exc)
-            return region, exc
+            return exc
 
-    for region, outcome in _in_parallel(one, list(clients), "vmexec-ec2-cleanup"):
+    totals: collections.Counter[str] = collections.Counter()
+    for region, outcome in zip(summary.regions,
+                               _in_parallel(guarded, summary.regions, thread_name)):
         if isinstance(outcome, BaseException):
             summary.errors.append(f"{region}: {outcome}")
             continue
-        deleted, remaining = outcome
+        deleted, remaining, kept = outcome
         totals.update(deleted)
         summary.remaining.extend(remaining)
+        summary.kept.extend(kept)
     summary.deleted = dict(totals)
     summary.seconds = time.monotonic() - started
     return summary
@@ -710,53 +731,37 @@ def keep_warm(clients: Mapping[str, Any], fleet_id: str, *,
         The summary; ``kept`` lists the machines left running, ``remaining`` anything
         else still present (should be empty).
     """
-    started = time.monotonic()
     clock = clock or retry.current_clock()
-    summary = TeardownSummary(fleet=fleet_id, regions=list(clients), keepalive=keepalive)
 
-    def one(region: str) -> Any:
+    def one(region: str) -> _RegionOutcome:
         ec2 = clients[region]
         doomed = set(instance_ids.get(region, ()))
-        try:
-            found = find_resources(ec2, region, fleet=fleet_id)
-            warm = [r for r in found if r.kind == "instance" and r.id not in doomed
-                    and r.state in ("pending", "running")]
-            if not warm:
-                deleted, remaining = _clean_region(ec2, region, fleet_id, None, doomed, clock,
-                                                   dependency_timeout)
-                return deleted, remaining, []
-            removable = [Resource(region=region, kind="instance", id=i, fleet=fleet_id)
-                         for i in sorted(doomed)]
-            removable += [r for r in found if r.kind in ("launch-template", "key-pair")
-                          or (r.kind == "volume" and r.state in ("available", "error"))]
-            deleted = delete_resources(ec2, region, removable, clock=clock,
-                                       dependency_timeout=dependency_timeout)
-            kept_ids = {r.id for r in warm}
-            # Free for the next client: it adopts only machines nobody is using.
-            ec2_errors.call("DeleteTags", region, ec2.delete_tags,
-                            Resources=sorted(kept_ids), Tags=[{"Key": TAG_CLIENT}])
-            after = find_resources(ec2, region, fleet=fleet_id)
-            kept = [r for r in after if r.kind == "instance" and r.id in kept_ids]
-            remaining = [r for r in after if not (
-                r.kind == "security-group" or (r.kind == "volume" and r.state == "in-use")
-                or (r.kind == "instance" and (r.id in kept_ids or r.state == "shutting-down")))]
-            return deleted, remaining, kept
-        except Exception as exc:  # reported in the summary; other regions carry on
-            log.error("%s: cleanup failed: %s", region, exc)
-            return exc
+        found = find_resources(ec2, region, fleet=fleet_id)
+        warm = [r for r in found if r.kind == "instance" and r.id not in doomed
+                and r.state in ("pending", "running")]
+        if not warm:
+            deleted, remaining = _clean_region(ec2, region, fleet_id, None, doomed, clock,
+                                               dependency_timeout)
+            return deleted, remaining, []
+        removable = [Resource(region=region, kind="instance", id=i, fleet=fleet_id)
+                     for i in sorted(doomed)]
+        removable += [r for r in found if r.kind in ("launch-template", "key-pair")
+                      or (r.kind == "volume" and r.state in ("available", "error"))]
+        deleted = delete_resources(ec2, region, removable, clock=clock,
+                                   dependency_timeout=dependency_timeout)
+        kept_ids = {r.id for r in warm}
+        # Free for the next client: it adopts only machines nobody is using.
+        ec2_errors.call("DeleteTags", region, ec2.delete_tags,
+                        Resources=sorted(kept_ids), Tags=[{"Key": TAG_CLIENT}])
+        after = find_resources(ec2, region, fleet=fleet_id)
+        kept = [r for r in after if r.kind == "instance" and r.id in kept_ids]
+        remaining = [r for r in after if not (
+            r.kind == "security-group" or (r.kind == "volume" and r.state == "in-use")
+            or (r.kind == "instance" and (r.id in kept_ids or r.state == "shutting-down")))]
+        return deleted, remaining, kept
 
-    totals: collections.Counter[str] = collections.Counter()
-    for region, outcome in zip(list(clients), _in_parallel(one, list(clients),
-                                                           "vmexec-ec2-keep")):
-        if isinstance(outcome, BaseException):
-            summary.errors.append(f"{region}: {outcome}")
-            continue
-        deleted, remaining, kept = outcome
-        totals.update(deleted)
-        summary.remaining.extend(remaining)
-        summary.kept.extend(kept)
-    summary.deleted = dict(totals)
-    summary.seconds = time.monotonic() - started
+    summary = _summarize(TeardownSummary(fleet=fleet_id, regions=list(clients),
+                                         keepalive=keepalive), one, "vmexec-ec2-keep")
     (log.info if summary.clean else log.error)("%s", summary.text())
     return summary
 
