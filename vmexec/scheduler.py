@@ -7,8 +7,8 @@ Data flow::
                                    │   └─ launch more machines ◀──────┤ (one writer)
                         re-queue lost tasks                           ▼
                                    │                         transport ──▶ agent
-                                   └──── reader thread (one per machine) ◀── RESULT/LOST/LOG
-                                                      │
+                                   └──── inbox thread ◀── I/O loop ◀──── RESULT/LOST/LOG
+                                                      │     (or a transport's own reader)
                                                       └──▶ Future.set_result / set_exception
 
 Threads and why each exists:
@@ -18,10 +18,20 @@ Threads and why each exists:
   pending task a machine has room for into one frame, sends heartbeats, marks silent
   machines lost, asks the provider for more machines while demand exceeds capacity, and
   tears everything down at shutdown.
-* **reader** (one per machine): blocks on the transport, resolves futures. Resolving
-  happens outside the lock so user done-callbacks cannot deadlock the scheduler.
-* **connect** (one per booting machine): waits for the machine, does the handshake,
-  then hands the machine to the dispatcher. Machines join as they become ready.
+* **inbox** (one per executor): handles what event-driven transports deliver — frames
+  from every machine on the shared I/O loop (``transports.aio``), handshakes, lost
+  connections — and resolves futures. The loop itself never runs user code (done-
+  callbacks) or anything that blocks; this thread does, outside the scheduler lock
+  so user done-callbacks cannot deadlock the scheduler. A thousand machines cost this
+  one thread, not a thousand readers.
+* **reader** (one per machine, blocking transports only: local pipes, paramiko): the
+  same work for its one machine.
+* **connect**: providers that connect on the I/O loop (``Provider.connects_async``:
+  ``ssh``) use no thread at all, and the SSH connect pool bounds how many handshakes
+  run at once. Other providers (``local``, ``ec2``, which waits for boot and installs
+  the environment) get a thread per booting machine until its agent runs. Either way
+  the vmexec handshake itself is a small state machine fed by the stream, so
+  machines join as they become ready.
 
 Windows: each machine may hold ``slots + extra`` tasks, where ``extra`` follows
 Little's law — enough queued work to keep every slot busy across one round trip
@@ -39,6 +49,7 @@ import itertools
 import logging
 import math
 import pickle
+import queue
 import threading
 import time
 import weakref
@@ -63,6 +74,7 @@ from vmexec.logs import emit_remote
 from vmexec.progress import Progress
 from vmexec.protocol import FrameReader, Msg, decode, encode_frame, encode_handshake
 from vmexec.providers.base import MachineRecord, Provider
+from vmexec.transports import aio
 from vmexec.transports.base import Transport
 
 logger = logging.getLogger("vmexec.scheduler")
@@ -122,7 +134,7 @@ class Machine:
         self.drain_reason = ""
         self.rtt = 0.001
         self.avg_task_seconds: Optional[float] = None
-        self.reader: Optional[threading.Thread] = None
+        self.link: Optional[_Link] = None
         # Messages waiting to be written, and whether a thread is writing them now
         # (both guarded by the scheduler lock; see Scheduler._enqueue_locked).
         self.outbox: list[Any] = []
@@ -136,6 +148,28 @@ class Machine:
 
     def __repr__(self) -> str:
         return f"<Machine {self.label} {self.state} slots={self.slots} inflight={len(self.inflight)}>"
+
+
+class _Link:
+    """One connection from its first byte: the vmexec handshake, then the machine's frames.
+
+    A state machine fed by whichever thread the transport delivers on, so that
+    connecting needs no thread of its own: ``magic`` collects the agent's first
+    bytes, ``reader`` its frames; ``machine`` is set once the handshake is done.
+    """
+
+    __slots__ = ("record", "transport", "magic", "reader", "machine", "done", "expired",
+                 "cancel_timer")
+
+    def __init__(self, record: MachineRecord, transport: Transport) -> None:
+        self.record = record
+        self.transport = transport
+        self.magic = b""
+        self.reader = FrameReader()
+        self.machine: Optional[Machine] = None
+        self.done = False  # handshake finished or failed: no second outcome
+        self.expired = False
+        self.cancel_timer: Optional[Any] = None
 
 
 class Scheduler:
@@ -175,6 +209,12 @@ class Scheduler:
         self.output_guard = OutputGuard()
         self._records: list[MachineRecord] = []  # every machine ever launched
         self.progress = Progress(config.progress)
+        # What event-driven transports deliver, handled in order on the inbox thread:
+        # (handler, link, payload). Unbounded on purpose: each machine's in-flight
+        # window bounds what can arrive, and blocking the I/O loop would stall every
+        # machine at once.
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._inbox_thread: Optional[threading.Thread] = None
         _live_schedulers.add(self)
 
     # -- public API (called by the executor) ----------------------------------------
@@ -491,45 +531,208 @@ class Scheduler:
         if not records:
             self._check_starved()
         for record in records:
-            threading.Thread(target=self._connect, args=(record,),
-                             name=f"vmexec-connect-{record.label}", daemon=True).start()
+            if self._provider.connects_async:
+                aio.run(self._connect_async(record))
+            else:
+                threading.Thread(target=self._connect, args=(record,),
+                                 name=f"vmexec-connect-{record.label}", daemon=True).start()
 
     def _connect(self, record: MachineRecord) -> None:
+        """Thread body for providers whose ``connect`` blocks (boot, install, ...)."""
         transport: Optional[Transport] = None
         try:
             transport = self._provider.connect(record, self._config.boot_timeout)
-            info, reader = self._handshake(transport, record)
-        except BaseException as exc:  # includes VersionMismatch, TransportError, bugs
-            if transport is not None:
-                transport.close()
-            self._provider.terminate([record])
-            if self.cost is not None:
-                self.cost.stopped(record)
-            with self._lock:
-                self._connecting.pop(record.id, None)
-                self._booting_slots -= max(1, record.slots)
-                self._provider_exhausted = False if self._provider.can_replace() else \
-                    self._provider_exhausted
-            if isinstance(exc, (VersionMismatch, EnvSyncError)):
-                self._break(BrokenFleet(f"machine {record.label} refused: {exc}"), exc)
-                return
-            logger.warning("machine %s could not be used: %s", record.label, exc)
-            self._record_failure(exc)
+        except BaseException as exc:  # includes TransportError, bugs
+            self._connect_failed(record, transport, exc)
             return
+        self._attach(record, transport)
+
+    async def _connect_async(self, record: MachineRecord) -> None:
+        """On the I/O loop, for providers that connect there: no thread per machine."""
+        try:
+            transport = await self._provider.connect_async(record, self._config.boot_timeout)
+        except BaseException as exc:
+            # Failure handling calls the provider and may block: not on the loop.
+            self._post(self._connect_failed_event, record, exc)
+            return
+        self._attach(record, transport)
+
+    def _post(self, handler: Any, link: Any, payload: Any) -> None:
+        """Hand work to the inbox thread (started on first use)."""
+        if self._inbox_thread is None:
+            with self._lock:
+                if self._inbox_thread is None:
+                    self._inbox_thread = threading.Thread(
+                        target=self._inbox_loop, name="vmexec-inbox", daemon=True)
+                    self._inbox_thread.start()
+        self._inbox.put((handler, link, payload))
+
+    def _inbox_loop(self) -> None:
+        _on_reader_thread.active = True
+        get = self._inbox.get
+        while True:
+            entry = get()
+            if entry is None:
+                return
+            handler, link, payload = entry
+            try:
+                handler(link, payload)
+            except BaseException as exc:  # a bug here must fail futures, not hang them
+                logger.exception("vmexec inbox handler failed")
+                self._break(BrokenFleet(f"the vmexec inbox thread failed: {exc!r}"), exc)
+
+    def _connect_failed_event(self, record: MachineRecord, exc: BaseException) -> None:
+        self._connect_failed(record, None, exc)
+
+    def _connect_failed(self, record: MachineRecord, transport: Optional[Transport],
+                        exc: BaseException) -> None:
+        if transport is not None:
+            transport.close()
+        self._provider.terminate([record])
+        if self.cost is not None:
+            self.cost.stopped(record)
         with self._lock:
             self._connecting.pop(record.id, None)
             self._booting_slots -= max(1, record.slots)
-            machine = self._machines_add_locked(record, transport, info)
+            self._provider_exhausted = False if self._provider.can_replace() else \
+                self._provider_exhausted
+        if isinstance(exc, (VersionMismatch, EnvSyncError)):
+            self._break(BrokenFleet(f"machine {record.label} refused: {exc}"), exc)
+            return
+        logger.warning("machine %s could not be used: %s", record.label, exc)
+        self._record_failure(exc)
+
+    def _attach(self, record: MachineRecord, transport: Transport) -> None:
+        """Start reading ``transport``: the handshake first, bounded by a timer."""
+        link = _Link(record, transport)
+        if transport.shared_thread:
+            def on_data(data: bytes) -> None:
+                self._post(self._link_data, link, data)
+
+            def on_closed(reason: str) -> None:
+                self._post(self._link_closed, link, reason)
+        else:
+            def on_data(data: bytes) -> None:
+                _on_reader_thread.active = True
+                self._link_data(link, data)
+
+            def on_closed(reason: str) -> None:
+                self._link_closed(link, reason)
+        link.cancel_timer = aio.call_later(_HANDSHAKE_TIMEOUT, self._handshake_expired, link)
+        transport.start(on_data, on_closed)
+
+    def _handshake_expired(self, link: _Link) -> None:
+        # On the I/O loop: only close; the closed callback reports it.
+        if not link.done:
+            link.expired = True
+            link.transport.close()
+
+    def _link_data(self, link: _Link, data: bytes) -> None:
+        machine = link.machine
+        if machine is not None:
+            machine.last_heard = time.monotonic()
+            for payload in link.reader.feed(data):
+                self._handle(machine, decode(payload))
+            return
+        if link.done:
+            return
+        try:
+            hello = self._handshake_data(link, data)
+            if hello is not None:
+                self._finish_handshake(link, hello)
+        except BaseException as exc:  # includes VersionMismatch, TransportError, bugs
+            link.done = True
+            if link.cancel_timer is not None:
+                link.cancel_timer()
+            self._connect_failed(link.record, link.transport, exc)
+
+    def _link_closed(self, link: _Link, reason: str) -> None:
+        machine = link.machine
+        if machine is None:
+            if link.done:
+                return
+            link.done = True
+            if link.cancel_timer is not None:
+                link.cancel_timer()
+            diagnostics = link.transport.diagnostics()
+            if link.expired:
+                why = (f"{link.record.label}: no vmexec handshake within "
+                       f"{_HANDSHAKE_TIMEOUT:.0f}s of connecting. {diagnostics}")
+            else:
+                why = (f"{link.record.label}: the agent exited before its handshake "
+                       f"({reason}). {diagnostics}")
+            self._connect_failed(link.record, link.transport, TransportError(why.strip()))
+            return
+        if machine.state in ("ready", "draining"):
+            diagnostics = link.transport.diagnostics()
+            self._machine_lost(machine, reason + (f" ({diagnostics})" if diagnostics else ""))
+
+    def _handshake_data(self, link: _Link, data: bytes) -> Optional[dict[str, Any]]:
+        """Feed the agent's first bytes; its hello once complete, else None."""
+        record, transport = link.record, link.transport
+        need = len(protocol.MAGIC) - len(link.magic)
+        if need > 0:
+            link.magic += data[:need]
+            data = data[need:]
+            if not protocol.MAGIC.startswith(link.magic):
+                raise TransportError(
+                    f"{record.label}: expected the vmexec agent but the machine printed "
+                    f"{(link.magic + data)[:200]!r}. A shell startup file that prints text, or "
+                    "a missing vmexec install on the machine, causes this. "
+                    f"{transport.diagnostics()}")
+            if len(link.magic) < len(protocol.MAGIC):
+                return None
+        frames = link.reader.feed(data)
+        if not frames:
+            return None
+        # The agent says nothing more until it has our hello: no frames left behind.
+        hello: dict[str, Any] = decode(frames[0])
+        return hello
+
+    def _finish_handshake(self, link: _Link, hello: dict[str, Any]) -> None:
+        """Check the agent's hello, send ours, and hand the machine to the dispatcher."""
+        record, transport = link.record, link.transport
+        protocol.check_compatible(self._local_info, hello, where=f"machine {record.label}")
+        agent_options = self._provider.agent_options(record)
+        # The machine's installed environment must be the one this client synced.
+        expected = agent_options.get("environment_hash")
+        check_skew(str(expected) if expected else None, hello.get("environment_hash"),
+                   machine=f"machine {record.label}")
+        slots = record.slots or int(hello.get("cpu_count", 1))
+        with self._lock:
+            if self._max_workers is not None:
+                used = sum(m.slots for m in self._machines if m.state == "ready")
+                slots = max(1, min(slots, self._max_workers - used))
+        hello["slots"] = slots
+        transport.write(encode_handshake({
+            **self._local_info,
+            "slots": slots,
+            "initializer": self._initializer,
+            "max_tasks_per_child": self._config.max_tasks_per_child,
+            "log_level": logging.getLogger().getEffectiveLevel(),
+            "heartbeat_interval": self._config.heartbeat_interval,
+            "watchdog_timeout": self._config.watchdog_timeout,
+            "poweroff": self._poweroff,
+            "output_limit": self._config.output_limit,
+            **agent_options,
+        }))
+        link.done = True
+        if link.cancel_timer is not None:
+            link.cancel_timer()
+        with self._lock:
+            self._connecting.pop(record.id, None)
+            self._booting_slots -= max(1, record.slots)
+            machine = self._machines_add_locked(record, transport, hello)
+            if machine is not None:
+                machine.link = link
+                link.machine = machine
             self._consecutive_failures = 0
             self._wake.notify()
         if machine is None:
             return
-        group = " ".join(part for part in (record.region, info.get("arch") or record.arch)
+        group = " ".join(part for part in (record.region, hello.get("arch") or record.arch)
                          if part) if record.region else ""
         self.progress.machines(ready=1, group=group)
-        machine.reader = threading.Thread(target=self._read_loop, args=(machine, reader),
-                                          name=f"vmexec-reader-{record.label}", daemon=True)
-        machine.reader.start()
 
     def _machines_add_locked(self, record: MachineRecord, transport: Transport,
                              info: dict[str, Any]) -> Optional[Machine]:
@@ -545,66 +748,6 @@ class Scheduler:
                     info.get("hostname"), info.get("arch"),
                     ".".join(map(str, info.get("python", ())[:3])), slots)
         return machine
-
-    def _handshake(self, transport: Transport, record: MachineRecord
-                   ) -> tuple[dict[str, Any], FrameReader]:
-        """Read the agent's hello, check it, send ours. Bounded by a timer."""
-        timer = threading.Timer(_HANDSHAKE_TIMEOUT, transport.close)
-        timer.daemon = True
-        timer.start()
-        try:
-            buf = b""
-            while len(buf) < len(protocol.MAGIC):
-                data = transport.read(len(protocol.MAGIC) - len(buf))
-                if not data:
-                    raise TransportError(
-                        f"{record.label}: the agent exited before its handshake. "
-                        f"{transport.diagnostics()}")
-                buf += data
-                if not protocol.MAGIC.startswith(buf):
-                    more = transport.read(4096)
-                    raise TransportError(
-                        f"{record.label}: expected the vmexec agent but the machine printed "
-                        f"{(buf + more)[:200]!r}. A shell startup file that prints text, or a "
-                        "missing vmexec install on the machine, causes this. "
-                        f"{transport.diagnostics()}")
-            reader = FrameReader()
-            frames: list[bytes] = []
-            while not frames:
-                data = transport.read(_READ_SIZE)
-                if not data:
-                    raise TransportError(f"{record.label}: the agent closed the stream during "
-                                         f"the handshake. {transport.diagnostics()}")
-                frames = reader.feed(data)
-            # The agent says nothing more until it has our hello: no frames left behind.
-            hello = decode(frames[0])
-            protocol.check_compatible(self._local_info, hello, where=f"machine {record.label}")
-            agent_options = self._provider.agent_options(record)
-            # The machine's installed environment must be the one this client synced.
-            expected = agent_options.get("environment_hash")
-            check_skew(str(expected) if expected else None, hello.get("environment_hash"),
-                       machine=f"machine {record.label}")
-            slots = record.slots or int(hello.get("cpu_count", 1))
-            with self._lock:
-                if self._max_workers is not None:
-                    used = sum(m.slots for m in self._machines if m.state == "ready")
-                    slots = max(1, min(slots, self._max_workers - used))
-            hello["slots"] = slots
-            transport.write(encode_handshake({
-                **self._local_info,
-                "slots": slots,
-                "initializer": self._initializer,
-                "max_tasks_per_child": self._config.max_tasks_per_child,
-                "log_level": logging.getLogger().getEffectiveLevel(),
-                "heartbeat_interval": self._config.heartbeat_interval,
-                "watchdog_timeout": self._config.watchdog_timeout,
-                "poweroff": self._poweroff,
-                "output_limit": self._config.output_limit,
-                **agent_options,
-            }))
-            return hello, reader
-        finally:
-            timer.cancel()
 
     @property
     def _ever_launched(self) -> bool:
@@ -638,23 +781,6 @@ class Scheduler:
         self._break(BrokenFleet(reason), cause)
 
     # -- reading results ------------------------------------------------------------
-    def _read_loop(self, machine: Machine, reader: FrameReader) -> None:
-        _on_reader_thread.active = True
-        reason = "the agent closed the connection"
-        try:
-            while True:
-                data = machine.transport.read(_READ_SIZE)
-                if not data:
-                    break
-                machine.last_heard = time.monotonic()
-                for payload in reader.feed(data):
-                    self._handle(machine, decode(payload))
-        except Exception as exc:  # any failure of this stream loses this machine only
-            reason = f"reading from it failed: {exc!r}"
-        if machine.state in ("ready", "draining"):
-            diagnostics = machine.transport.diagnostics()
-            self._machine_lost(machine, reason + (f" ({diagnostics})" if diagnostics else ""))
-
     def _handle(self, machine: Machine, messages: list[Any]) -> None:
         finished: list[tuple[WorkItem, tuple[Any, ...]]] = []
         lost: list[tuple[int, str]] = []
@@ -865,9 +991,14 @@ class Scheduler:
                 pass
         for machine in machines:
             machine.transport.close()
+        deadline = time.monotonic() + 10
         for machine in machines:
-            if machine.reader is not None and machine.reader is not threading.current_thread():
-                machine.reader.join(timeout=10)
+            machine.transport.join(timeout=max(0.0, deadline - time.monotonic()))
+        inbox = self._inbox_thread
+        if inbox is not None:
+            self._inbox.put(None)  # after every transport's last delivery
+            if inbox is not threading.current_thread():
+                inbox.join(timeout=max(0.0, deadline - time.monotonic()))
         self.progress.close()
         dropped = self.output_guard.summary()
         if dropped:

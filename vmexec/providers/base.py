@@ -61,6 +61,17 @@ class Provider(abc.ABC):
             TransportError: the machine could not be reached in time (with the reason).
         """
 
+    #: True when ``connect_async`` is implemented: the scheduler then connects on the
+    #: shared I/O loop with no thread per booting machine (see ``transports.aio``).
+    connects_async: bool = False
+
+    async def connect_async(self, record: MachineRecord, timeout: float) -> Transport:
+        """``connect`` as a coroutine on the I/O loop; only when ``connects_async``.
+
+        Must not block the loop: every other machine's bytes flow through it.
+        """
+        raise NotImplementedError(f"provider {self.name!r} connects with connect()")
+
     def describe(self) -> list[MachineRecord]:
         """The machines this provider started and has not terminated."""
         return []

@@ -26,6 +26,7 @@ from vmexec.errors import ConfigError
 from vmexec.providers.base import MachineRecord, Provider
 from vmexec.transports.base import Transport
 from vmexec.transports.ssh import HOST_KEY_POLICIES, format_address, open_ssh_transport
+from vmexec.transports.ssh_async import open_async_ssh
 
 __all__ = ["SSHProvider", "parse_host", "HOST_FORMS"]
 
@@ -259,6 +260,27 @@ class SSHProvider(Provider):
         """
         user, host, port = self._host_of(record)
         return open_ssh_transport(
+            host,
+            port,
+            user,
+            key_filename=self.ssh_key,
+            known_hosts=self.known_hosts,
+            host_key_policy=self.host_key_policy,
+            command=self.agent_command(),
+            timeout=max(0.001, min(timeout, self.connect_timeout)),
+            label=record.label,
+        )
+
+    connects_async = True
+
+    async def connect_async(self, record: MachineRecord, timeout: float) -> Transport:
+        """``connect`` on the shared I/O loop (asyncssh): no thread per host.
+
+        A host that refuses the connection (rebooting; sshd's ``MaxStartups``) is
+        retried with backoff within ``connect_timeout``.
+        """
+        user, host, port = self._host_of(record)
+        return await open_async_ssh(
             host,
             port,
             user,

@@ -399,6 +399,41 @@ def open_ssh_transport(
     return transport
 
 
+# --- host keys for other SSH clients ------------------------------------------------
+# ``transports.ssh_async`` speaks SSH with asyncssh but pins host keys with the same
+# known_hosts reader, policies and messages as this module: one implementation.
+
+
+def known_host_keys(known_hosts: Optional[str], host: str, port: int
+                    ) -> list[tuple[str, bytes, bool]]:
+    """The keys known_hosts holds for ``host:port``: ``(type, public blob, revoked)``."""
+    path = os.path.expanduser(known_hosts or DEFAULT_KNOWN_HOSTS)
+    known = _KnownHosts.load(path).lookup(_lookup_name(host, port))
+    return [(k.key.get_name(), k.key.asbytes(), k.revoked) for k in known]
+
+
+def check_offered_host_key(key_type: str, blob: bytes, *, known_hosts: Optional[str],
+                           host: str, port: int, user: Optional[str], policy: str) -> None:
+    """Check a host key offered to another SSH client against known_hosts.
+
+    Raises:
+        HostKeyError: revoked, changed, or unknown under policy ``"reject"`` (the same
+            messages as a paramiko connection gives). Under ``"accept-new"`` an unknown
+            key is appended to known_hosts.
+    """
+    path = os.path.expanduser(known_hosts or DEFAULT_KNOWN_HOSTS)
+    lookup_name = _lookup_name(host, port)
+    key = paramiko.PKey.from_type_string(key_type, blob)
+    _check_host_key(key, _KnownHosts.load(path).lookup(lookup_name), lookup_name=lookup_name,
+                    host=host, port=port, address=format_address(user, host, port),
+                    path=path, policy=policy)
+
+
+def check_key_file(path: str) -> None:
+    """Raise ``TransportError`` naming the fix when ``path`` is not a usable private key."""
+    _load_key(path)
+
+
 # --- connection steps ------------------------------------------------------------
 
 
