@@ -5,8 +5,10 @@ The tree::
     VMExecError
     ├── ConfigError (also ValueError)        bad arguments, caught before anything starts
     │   └── ProviderNotAvailable             a provider name that is unknown or not installed
-    ├── BrokenFleet (also BrokenExecutor)    no machine can run work any more; terminal
-    ├── WorkerLost                           a task's worker died more than max_retries times
+    ├── BrokenFleet (also BrokenProcessPool) no machine can run work any more; terminal
+    ├── WorkerLost (also BrokenProcessPool)  a task's worker died more than max_retries times
+    ├── DeserializationError                 a task could not be unpickled on its machine, or
+    │   (also BrokenProcessPool)             its result on the client; fails that task only
     ├── ProtocolError                        a peer spoke something that is not the vmexec protocol
     │   └── VersionMismatch                  handshake refused (Python minor / protocol version)
     ├── TransportError (also OSError)        the byte stream to a machine failed or could not open
@@ -16,12 +18,18 @@ The tree::
     ├── EnvSyncError                         the environment cannot be reproduced on a target
     └── BudgetExceeded                       a cost limit refuses a launch or stops the fleet
 
+Every failure ``ProcessPoolExecutor`` reports as ``BrokenProcessPool`` is an instance of
+``concurrent.futures.process.BrokenProcessPool`` here too, so existing ``except
+BrokenProcessPool`` (and ``except BrokenExecutor``) clauses keep working; the subclass
+says what happened, and where vmexec can fail a single task instead of the whole pool,
+only that task's future fails.
+
 This module imports only the standard library: the agent imports it on a bare machine.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import BrokenExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
     "VMExecError",
@@ -29,6 +37,7 @@ __all__ = [
     "ProviderNotAvailable",
     "BrokenFleet",
     "WorkerLost",
+    "DeserializationError",
     "ProtocolError",
     "VersionMismatch",
     "TransportError",
@@ -53,17 +62,32 @@ class ProviderNotAvailable(ConfigError):
     """The provider name is unknown, or its optional dependencies are not installed."""
 
 
-class BrokenFleet(VMExecError, BrokenExecutor):
+class BrokenFleet(VMExecError, BrokenProcessPool):
     """No machine can run work any more: every pending future fails with this error.
 
-    Like ``concurrent.futures.process.BrokenProcessPool`` this is terminal: the executor
+    A ``concurrent.futures.process.BrokenProcessPool``, and terminal like it: the executor
     refuses new work. ``__cause__`` carries what broke it (a failing initializer, every
     machine lost, a launch that could not be recovered).
     """
 
 
-class WorkerLost(VMExecError):
-    """A task's worker process died (crash, signal, OOM kill) more times than ``max_retries``."""
+class WorkerLost(VMExecError, BrokenProcessPool):
+    """A task's worker process died (crash, signal, OOM kill) more times than ``max_retries``.
+
+    A ``BrokenProcessPool``, as ``ProcessPoolExecutor`` reports a worker that died, but only
+    this task's future fails: the other tasks and the executor go on.
+    """
+
+
+class DeserializationError(VMExecError, BrokenProcessPool):
+    """A task could not be unpickled on its machine, or its result on the client.
+
+    ``ProcessPoolExecutor`` breaks the whole pool in these cases (``BrokenProcessPool``);
+    vmexec fails only this task's future. Anything unpickling raises counts, including
+    ``SystemExit`` and ``KeyboardInterrupt``: they never escape into the worker's loop or
+    the client's threads. ``__cause__`` holds the original exception (on the client) or
+    the machine's traceback, which includes it.
+    """
 
 
 class ProtocolError(VMExecError):

@@ -20,8 +20,6 @@ import weakref
 from concurrent.futures import Executor, Future
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
-import cloudpickle
-
 from vmexec import pickling
 from vmexec.config import SchedulerConfig, provider_from_environment
 from vmexec.errors import ConfigError
@@ -86,7 +84,7 @@ class VMExecutor(Executor):
         if initializer is not None:
             pickling.register_user_modules()
             try:
-                initializer_bytes = cloudpickle.dumps((initializer, tuple(initargs)))
+                initializer_bytes = pickling.dumps((initializer, tuple(initargs)))
             except Exception as exc:
                 raise ConfigError(f"initializer/initargs cannot be pickled: {exc}") from exc
         # Priced and checked before anything is launched: a plan over max_hourly_cost

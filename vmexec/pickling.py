@@ -6,22 +6,34 @@ library) are pickled by value with cloudpickle, because the machine cannot impor
 them; installed packages travel by reference. vmexec itself always travels by
 reference: the agent has it.
 
+Code that travels by value is pickled so that, on the worker, everything that came from
+one client module shares one module namespace (``vmexec.agent.namespaces``): an
+initializer's ``global MODEL`` is the tasks' ``MODEL``, as under ``ProcessPoolExecutor``.
+For that the pickler numbers each global binding it sends: the number changes only when
+the client rebinds the name to another object, and only a newer binding replaces what a
+worker holds.
+
 A failure here names the offending object, and fails only the task that carried it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import itertools
 import os
 import pickle
 import sys
 import sysconfig
 import threading
 import weakref
+from collections import ChainMap
 from types import CodeType, FunctionType, ModuleType
 from typing import Any, Callable, Optional
 
 import cloudpickle
+
+from vmexec.agent import namespaces
 
 _lock = threading.Lock()
 _checked_modules: set[str] = set()
@@ -83,6 +95,96 @@ def register_user_modules() -> None:
                 continue
             _registered_packages.add(top)
         _seen_module_count = len(sys.modules)
+
+
+# (id of a module's globals, name) -> (the object last sent for that name, its number).
+# Holding the object keeps its id from being reused by a new object, which would make a
+# rebinding look like the old binding. Numbers only grow: a worker that receives an
+# older pickle after a newer one (functions are unpickled lazily) keeps the newer value.
+_sent_bindings: dict[tuple[int, str], tuple[Any, int]] = {}
+_binding_numbers = itertools.count(1)
+_binding_lock = threading.Lock()
+
+
+def _binding_numbers_of(namespace: dict[str, Any], values: dict[str, Any]) -> dict[str, int]:
+    where = id(namespace)
+    numbers = {}
+    with _binding_lock:
+        for name, value in values.items():
+            sent = _sent_bindings.get((where, name))
+            if sent is None or sent[0] is not value:
+                sent = _sent_bindings[(where, name)] = (value, next(_binding_numbers))
+            numbers[name] = sent[1]
+    return numbers
+
+
+def _module_key(namespace: dict[str, Any]) -> tuple[Any, int]:
+    """Which client module a namespace is: its name, and the dict's identity."""
+    return (namespace.get("__name__"), id(namespace))
+
+
+def _cloudpickle_attribute(name: str) -> Any:
+    for where in ("cloudpickle.cloudpickle", "cloudpickle.cloudpickle_fast"):
+        module = sys.modules.get(where)
+        if module is not None and hasattr(module, name):
+            return getattr(module, name)
+    return None
+
+
+_CLASS_SETSTATE = _cloudpickle_attribute("_class_setstate")
+_SUBIMPORT = _cloudpickle_attribute("subimport")
+_MODULE_REDUCE = cloudpickle.Pickler.dispatch_table.get(ModuleType)
+
+
+def _module_reduce(module: ModuleType) -> Any:
+    """A user module by value becomes one shared module object on each worker."""
+    assert _MODULE_REDUCE is not None
+    reduced = _MODULE_REDUCE(module)
+    if reduced[0] is _SUBIMPORT or len(reduced[1]) != 2:
+        return reduced  # by reference: the worker imports it
+    name, attributes = reduced[1]
+    numbers = _binding_numbers_of(module.__dict__, attributes)
+    return namespaces.make_module, (_module_key(module.__dict__), name, attributes, numbers)
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, with by-value code bound to one shared namespace per module on the worker.
+
+    Functions, classes and modules are reduced by cloudpickle; only their reconstructors
+    are swapped for ``vmexec.agent.namespaces``'s, which the worker imports (vmexec itself
+    always travels by reference). Where a cloudpickle version reduces differently, the
+    object is left as cloudpickle made it.
+    """
+
+    if _MODULE_REDUCE is not None and _SUBIMPORT is not None:
+        dispatch_table = ChainMap({ModuleType: _module_reduce},
+                                  cloudpickle.Pickler.dispatch_table)
+
+    def _dynamic_function_reduce(self, func: FunctionType) -> Any:
+        reduced = super()._dynamic_function_reduce(func)
+        newargs, state = reduced[1], reduced[2]
+        if len(newargs) != 5 or not isinstance(state, tuple) or len(state) != 2 \
+                or "__globals__" not in state[1]:
+            return reduced
+        attributes, slots = state
+        namespace = func.__globals__
+        numbers = _binding_numbers_of(namespace, slots["__globals__"])
+        return (namespaces.make_function, (_module_key(namespace), *newargs),
+                (attributes, slots, numbers), None, None, namespaces.set_function_state)
+
+    def reducer_override(self, obj: Any) -> Any:
+        reduced = super().reducer_override(obj)
+        if type(reduced) is tuple and len(reduced) == 6 and reduced[5] is _CLASS_SETSTATE \
+                and _CLASS_SETSTATE is not None:
+            reduced = reduced[:5] + (namespaces.set_class_state,)
+        return reduced
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle ``obj`` as vmexec sends it to machines (cloudpickle; shared module state)."""
+    with io.BytesIO() as file:
+        _Pickler(file, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(obj)
+        return file.getvalue()
 
 
 def _describe(obj: Any) -> str:
@@ -158,7 +260,7 @@ def dumps_callable(fn: Callable[..., Any]) -> tuple[bytes, bytes]:
         if hit is not None and _same(hit[0], captured):
             return hit[1], hit[2]
     try:
-        data = cloudpickle.dumps(fn)
+        data = dumps(fn)
     except Exception as exc:
         raise pickle.PicklingError(
             f"cannot send the callable {_describe(fn)} to a machine: {exc}. Define it at "
@@ -177,7 +279,7 @@ def dumps_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         pickle.PicklingError: naming the argument that cannot be pickled.
     """
     try:
-        return cloudpickle.dumps((args, kwargs))
+        return dumps((args, kwargs))
     except Exception as exc:
         raise pickle.PicklingError(_which_argument(args, kwargs, exc)) from exc
 
@@ -185,7 +287,7 @@ def dumps_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
 def dumps_chunk(chunk: list[tuple[Any, ...]]) -> bytes:
     """Pickle the argument tuples of a ``map`` chunk (one work item, many calls)."""
     try:
-        return cloudpickle.dumps(chunk)
+        return dumps(chunk)
     except Exception as exc:
         for args in chunk:
             try:

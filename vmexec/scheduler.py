@@ -878,10 +878,18 @@ class Scheduler:
             machine.avg_task_seconds = 0.9 * machine.avg_task_seconds + 0.1 * seconds
         try:
             value = pickle.loads(payload)
-        except Exception as exc:
-            _set_exception(item.future, RuntimeError(
+        except BaseException as exc:
+            # SystemExit/KeyboardInterrupt from a result's __reduce__ included: escaping,
+            # they would end this reader thread and leave every future of the machine
+            # pending forever. A BrokenProcessPool, as ProcessPoolExecutor reports it.
+            from vmexec.errors import DeserializationError
+
+            error = DeserializationError(
                 f"the result of {item.label} from machine {machine.label} could not be "
-                f"unpickled on the client: {exc!r}. Is the class it returns importable here?"))
+                f"unpickled on the client: {exc!r}. Is the class it "
+                "returns importable here, and does unpickling it succeed?")
+            error.__cause__ = exc
+            _set_exception(item.future, error)
             return
         if ok:
             try:

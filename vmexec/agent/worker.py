@@ -5,7 +5,16 @@ three pipes: tasks in, results out, and the user's stdout/stderr (fd 1 and 2) wh
 the agent forwards as log text. ``logging`` records go through the results pipe as
 LOG messages so they keep their level and logger name.
 
-Imports only the standard library, cloudpickle and vmexec.protocol: runs on a bare machine.
+Code that came by value binds to one namespace per client module in this process
+(``vmexec.agent.namespaces``, reached through the pickles themselves), so the initializer
+and the tasks share module state.
+
+A task whose function or arguments cannot be unpickled here (an exception, or even
+``SystemExit``) fails as ``DeserializationError``, a ``BrokenProcessPool`` as under
+``ProcessPoolExecutor``; the worker goes on with the next task.
+
+Imports only the standard library, cloudpickle, vmexec.protocol and vmexec.errors: runs
+on a bare machine.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
+from vmexec.errors import DeserializationError
 from vmexec.protocol import FrameReader, Msg, decode, encode_frame
 
 # A result shorter than this is held back while more tasks of the same batch are
@@ -143,10 +153,8 @@ def run_worker(
             remaining_tasks -= 1
             started = time.perf_counter()
             try:
-                fn = funcs[digest]
-                if isinstance(fn, bytes):
-                    fn = funcs[digest] = cloudpickle.loads(fn)
-                value = _call(fn, cloudpickle.loads(args_bytes), chunked)
+                fn, call = _unpickle_task(funcs, digest, args_bytes)
+                value = _call(fn, call, chunked)
                 payload_out = cloudpickle.dumps(value)
                 ok = True
             except BaseException as exc:
@@ -168,6 +176,27 @@ def run_worker(
                 break
         flush()
     return 0
+
+
+def _unpickle_task(funcs: dict[bytes, Any], digest: bytes, args_bytes: bytes) -> tuple[Any, Any]:
+    """The task's callable (unpickled once, then cached) and its arguments.
+
+    Raises:
+        DeserializationError: chained to whatever unpickling raised, ``SystemExit`` and
+            ``KeyboardInterrupt`` included: a task's bytes must not end the worker.
+    """
+    fn = funcs[digest]  # the agent sends each FUNC before the first TASK that uses it
+    what = "function"
+    try:
+        if isinstance(fn, bytes):
+            fn = funcs[digest] = cloudpickle.loads(fn)
+        what = "arguments"
+        return fn, cloudpickle.loads(args_bytes)
+    except BaseException as exc:
+        raise DeserializationError(
+            f"the task's {what} could not be unpickled on the machine: {exc!r}. Every module the function and its arguments "
+            "need must be importable there, and unpickling them must not exit or fail"
+        ) from exc
 
 
 def _call(fn: Callable[..., Any], call: Any, chunked: bool) -> Any:
