@@ -112,8 +112,11 @@ class SSHProvider(Provider):
     """Machines the user already has, each running one agent reached over SSH.
 
     Args:
-        max_workers: the executor's slot target (passed by the executor; the hosts
-            are used as listed whatever it is).
+        max_workers: the executor's slot target (passed by the executor): the number of
+            concurrent calls, as in ``ProcessPoolExecutor``. Without ``slots_per_host``
+            the hosts share it evenly (in the order listed: ``max_workers=4`` on one
+            host runs 4 calls at once whatever its CPU count; hosts beyond
+            ``max_workers`` are not used). None: each host gets its CPU count.
         hosts: the machines, as ``"user@host:port"`` (user and port optional; IPv6 as
             ``"user@[::1]:2222"``). The default user is the local user name.
         ssh_key: private key file to log in with (ed25519, ecdsa or rsa, no
@@ -125,8 +128,9 @@ class SSHProvider(Provider):
         host_key_policy: ``"reject"`` refuses hosts whose key is not in known_hosts;
             ``"accept-new"`` records unknown keys on first contact. A changed key is
             always refused.
-        slots_per_host: task slots per host; None: the host's CPU count, as its agent
-            reports it.
+        slots_per_host: task slots per host (the total is still capped at
+            ``max_workers``); None: the host's share of ``max_workers``, or when that
+            is None too, the host's CPU count as its agent reports it.
         connect_timeout: seconds for each SSH connection (connect, handshake, login).
 
     Raises:
@@ -199,6 +203,7 @@ class SSHProvider(Provider):
                 f"count, not {slots_per_host!r}"
             )
         self.slots_per_host = slots_per_host
+        self._slots = self._plan_slots(max_workers, slots_per_host, len(self.hosts))
         if (
             isinstance(connect_timeout, bool)
             or not isinstance(connect_timeout, (int, float))
@@ -222,18 +227,20 @@ class SSHProvider(Provider):
             slots_wanted: ignored: a static host costs nothing to connect to.
 
         Returns:
-            One pending record per remaining host (``slots`` 0 means "the host's CPU
-            count"); ``[]`` once every host has been handed out.
+            One pending record per remaining host that has slots (``slots`` 0 means
+            "the host's CPU count"); ``[]`` once every host has been handed out.
         """
         with self._lock:
             new = []
             for index in range(self._next, len(self.hosts)):
+                if self._slots[index] is None:
+                    continue  # more hosts than max_workers: this one has no share
                 user, host, port = self.hosts[index]
                 label = format_address(user, host, port)
                 record = MachineRecord(
                     id=f"ssh-{index}",
                     label=label,
-                    slots=self.slots_per_host or 0,
+                    slots=self._slots[index] or 0,
                     provider=self.name,
                     state="pending",
                     address=host,
@@ -242,6 +249,25 @@ class SSHProvider(Provider):
                 new.append(record)
             self._next = len(self.hosts)
         return new
+
+    @staticmethod
+    def _plan_slots(max_workers: Optional[int], slots_per_host: Optional[int],
+                    hosts: int) -> list[Optional[int]]:
+        """Slots of each host: a number, 0 for "its CPU count", None for "not used".
+
+        ``max_workers`` is the number of concurrent calls (ProcessPoolExecutor's
+        meaning), so without ``slots_per_host`` it is spread over the hosts, not capped
+        by their CPU counts.
+        """
+        if slots_per_host is not None or not isinstance(max_workers, int) \
+                or isinstance(max_workers, bool) or max_workers < 1:
+            return [slots_per_host or 0] * hosts
+        share, extra = divmod(max_workers, hosts)
+        plan = [share + (1 if index < extra else 0) for index in range(hosts)]
+        if share == 0:
+            log.info("max_workers=%d is less than the %d hosts listed: using the first %d, "
+                     "one slot each", max_workers, hosts, max_workers)
+        return [slots or None for slots in plan]
 
     def connect(self, record: MachineRecord, timeout: float) -> Transport:
         """Open an SSH session on ``record``'s host running the agent.
