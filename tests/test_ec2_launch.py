@@ -476,5 +476,8 @@ def test_executor_runs_tasks_on_ec2_machines(session: boto3.Session, tmp_path: P
 
 
 def test_agent_command_is_shared() -> None:
-    assert agent_command() == "${VMEXEC_ROOT:-}/opt/vmexec/venv/bin/python -m vmexec.agent"
-    assert agent_command("/vm/3") == "/vm/3/opt/vmexec/venv/bin/python -m vmexec.agent"
+    assert agent_command().endswith(
+        "; exec ${VMEXEC_ROOT:-}/opt/vmexec/venv/bin/python -m vmexec.agent")
+    assert agent_command("/vm/3").endswith("; exec /vm/3/opt/vmexec/venv/bin/python -m vmexec.agent")
+    # The agent is told which file to touch when its client's frames arrive.
+    assert 'VMEXEC_CLIENT_HEARD="/vm/3/opt/vmexec/client/heard"' in agent_command("/vm/3")

@@ -147,7 +147,7 @@ def test_reuse_resync_keepalive_and_cleanup_on_the_local_cloud(
                         f"agents:\n{agents}\nboot log ends:\n"
                         f"{(root / 'var/log/vmexec-boot.log').read_text()[-2000:]}")
         boot_log = (root / "var" / "log" / "vmexec-boot.log").read_text()
-        assert "powering off: no vmexec agent for 2s" in boot_log
+        assert "powering off: nothing heard from a client for 2s" in boot_log
 
         # 5. What the named fleet still holds (its security group, staged environment)
         #    goes with `vmexec cleanup --fleet`.

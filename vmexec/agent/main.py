@@ -15,7 +15,14 @@ Data flow (one thread, one poll loop, no locks)::
   queued behind it in its pipe never started; they go back to the front of the queue.
 * The watchdog ends the agent, and on cloud machines powers the machine off, when
   nothing has come from the client for ``watchdog_timeout`` seconds: a client that
-  vanished must not leave a machine running up a bill.
+  vanished must not leave a machine running up a bill. Writes to the client never
+  block (the stream is non-blocking; what the pipe does not take waits in a buffer
+  until poll says it is writable): a client that stopped reading (suspended laptop,
+  SIGSTOP, a full SSH window) must not freeze the loop, or the watchdog would never
+  run (issue 12).
+* Liveness for the machine's dead-man switch: when ``$VMEXEC_CLIENT_HEARD`` names a
+  file, the agent touches it when frames *arrive* from the client (at most once a
+  second), never on its own: a running agent alone does not keep a machine on.
 
 Imports only the standard library, cloudpickle (via the worker), psutil (optional) and
 vmexec's protocol/errors.
@@ -47,6 +54,16 @@ _READ_SIZE = 1 << 20
 _PREFETCH_BELOW_SECONDS = 0.002
 _MAX_PREFETCH = 32
 _OUTPUT_CHUNK = 1 << 16
+# The dead-man switch looks at the heard file every few seconds: touching it more
+# often than this only costs system calls on the hot path.
+_HEARD_TOUCH_EVERY = 1.0
+# Bytes waiting for a client that does not read: above HIGH the agent stops reading
+# its workers (they block on their own pipes, the agent's loop and watchdog run on), and
+# resumes below LOW. Without it a suspended client's results would pile up in memory.
+_CLIENT_BUF_HIGH = 64 << 20
+_CLIENT_BUF_LOW = 16 << 20
+#: The environment variable naming the file touched on receipt of client frames.
+HEARD_FILE_ENV = "VMEXEC_CLIENT_HEARD"
 
 
 class _Worker:
@@ -144,17 +161,98 @@ class Agent:
         self.notice_file: Optional[str] = None
         self._notice_sent = False
         self._notice_next_check = 0.0
+        # Bytes for the client that its stream has not taken yet (it may have stopped
+        # reading): written when poll says the stream is writable, never blocking.
+        self._client_buf = bytearray()
+        self._client_nonblocking = False
+        self._paused = False  # workers not read while the client buffer is full
+        self.heard_file: Optional[str] = os.environ.get(HEARD_FILE_ENV) or None
+        self._heard_touched = float("-inf")
 
     # -- stream to the client ------------------------------------------------------
     def _write_client(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
+        """Send ``data`` to the client: at once if the stream takes it, else buffered.
+
+        Before the main loop (the handshake) the stream is blocking and this writes all
+        of it; in the loop it never blocks, and ``_flush_client`` sends the rest when
+        the stream is writable again.
+        """
+        if not self._client_nonblocking:
+            view = memoryview(data)
+            while view:
+                try:
+                    written = os.write(self.stdout_fd, view)
+                except InterruptedError:
+                    continue
+                view = view[written:]
+            self.last_sent = time.monotonic()
+            return
+        self._client_buf += data
+        self._flush_client()
+
+    def _flush_client(self) -> None:
+        """Write what the client's stream takes now; wait for POLLOUT for the rest.
+
+        Raises:
+            BrokenPipeError: the client's end is closed.
+        """
+        buf = self._client_buf
+        while buf:
             try:
-                written = os.write(self.stdout_fd, view)
-            except InterruptedError:
-                continue
-            view = view[written:]
-        self.last_sent = time.monotonic()
+                written = os.write(self.stdout_fd, buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not written:
+                break
+            del buf[:written]
+            self.last_sent = time.monotonic()
+        if self._paused and len(buf) <= _CLIENT_BUF_LOW:
+            self._resume_workers()
+        registered = self.stdout_fd in self.poller.handlers
+        if buf and not registered:
+            self.poller.register(self.stdout_fd, True, ("client-out", None))
+        elif not buf and registered:
+            self.poller.unregister(self.stdout_fd)
+
+    def _pause_workers(self) -> None:
+        """Stop reading workers' results and output while the client is not reading."""
+        self._paused = True
+        for worker in self.workers.values():
+            for fd in (worker.result_r, worker.out_r, worker.err_r):
+                self.poller.unregister(fd)
+
+    def _resume_workers(self) -> None:
+        self._paused = False
+        for worker in self.workers.values():
+            if worker.alive:
+                self.poller.register(worker.result_r, False, ("result", worker))
+                self.poller.register(worker.out_r, False, ("stdout", worker))
+                self.poller.register(worker.err_r, False, ("stderr", worker))
+
+    def _drain_client(self, timeout: float) -> None:
+        """At the end: give the client up to ``timeout`` seconds to take what is left."""
+        deadline = time.monotonic() + timeout
+        while self._client_buf and time.monotonic() < deadline:
+            try:
+                select.select([], [self.stdout_fd], [], max(0.0, deadline - time.monotonic()))
+                self._flush_client()
+            except OSError:
+                return
+
+    def _heard_from_client(self, now: float) -> None:
+        self.last_heard = now
+        if self.heard_file is not None and now - self._heard_touched >= _HEARD_TOUCH_EVERY:
+            self._heard_touched = now
+            try:
+                os.utime(self.heard_file)
+            except FileNotFoundError:
+                try:
+                    os.close(os.open(self.heard_file, os.O_WRONLY | os.O_CREAT, 0o644))
+                except OSError:
+                    pass
+            except OSError:  # the switch then powers off on its own grace: say why
+                sys.stderr.write(f"vmexec agent: cannot touch {self.heard_file}\n")
+                self.heard_file = None
 
     def _flush_outbox(self) -> None:
         if self.outbox:
@@ -182,6 +280,7 @@ class Agent:
             hello = decode(self._read_handshake())
         except EOFError:
             return False
+        self._heard_from_client(time.monotonic())
         mine = dict(info)
         try:
             protocol.check_compatible(mine, hello, where="the client")
@@ -399,7 +498,7 @@ class Agent:
 
     # -- dispatch -------------------------------------------------------------------
     def _dispatch(self) -> None:
-        if self.broken or self.stopping or not self.queue:
+        if self.broken or self.stopping or self._paused or not self.queue:
             return
         live = [w for w in self.workers.values() if w.alive]
         if self.queue:
@@ -467,7 +566,7 @@ class Agent:
             return True
         if not data:
             return False
-        self.last_heard = time.monotonic()
+        self._heard_from_client(time.monotonic())
         self._on_client_frames(self.reader.feed(data))
         return True
 
@@ -525,17 +624,29 @@ class Agent:
         # poll() times out (up to heartbeat_interval later).
         self._dispatch()
         os.set_blocking(self.stdin_fd, False)
+        # From here on a write to the client never blocks (see _flush_client).
+        os.set_blocking(self.stdout_fd, False)
+        self._client_nonblocking = True
         self.poller.register(self.stdin_fd, False, ("client", None))
         exit_code = 0
         try:
             while True:
                 now = time.monotonic()
-                timeout = max(0.0, min(self.last_sent + self.heartbeat_interval,
-                                       self.last_heard + self.watchdog_timeout) - now)
+                # While bytes wait for the client no heartbeat is due: only the stream
+                # becoming writable, a worker, or the watchdog can wake the loop.
+                due = self.last_heard + self.watchdog_timeout
+                if not self._client_buf:
+                    due = min(due, self.last_sent + self.heartbeat_interval)
+                timeout = max(0.0, due - now)
                 for fd in self.poller.poll(timeout):
                     what, worker = self.poller.handlers.get(fd, ("", None))
                     if what == "client":
                         if not self._on_client_data():
+                            self.stopping = True
+                    elif what == "client-out":
+                        try:
+                            self._flush_client()
+                        except BrokenPipeError:
                             self.stopping = True
                     elif worker is None:
                         continue  # unregistered while this batch of events was read
@@ -559,16 +670,23 @@ class Agent:
                     break
                 self._report_dropped_output(now)
                 self._check_notice(now)
-                if not self.outbox and now - self.last_sent >= self.heartbeat_interval:
+                # No heartbeat while earlier bytes wait: the client is not reading.
+                if not self.outbox and not self._client_buf and \
+                        now - self.last_sent >= self.heartbeat_interval:
                     self.outbox.append((Msg.HEARTBEAT,))
                 try:
                     self._flush_outbox()
                 except BrokenPipeError:
                     break
+                if not self._paused and len(self._client_buf) > _CLIENT_BUF_HIGH:
+                    self._pause_workers()
         finally:
             self._stop_workers()
             try:
                 self._flush_outbox()
+                # A client that went silent is not waited for; one that asked us to
+                # stop gets a few seconds to read the last results.
+                self._drain_client(0.0 if exit_code == 4 else 5.0)
             except OSError:
                 pass
         if exit_code == 4 and self.poweroff:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import dataclasses
 import datetime
 import ipaddress
 import logging
@@ -81,6 +82,9 @@ from vmexec.providers.ec2.fleet import (
     describe_region,
     describe_regions,
 )
+from vmexec.providers.ec2.network import ClientNetwork, RegionAccess, detect_ssh_cidr, \
+    validate_lookup
+from vmexec.providers.ec2 import network as client_network
 from vmexec.providers.ec2.named import NamedFleetState, adopt, check_owner, find_named, \
     fleet_id_for
 from vmexec.providers.ec2.images import (
@@ -98,6 +102,7 @@ from vmexec.providers.ec2.plan import (
     make_plan,
 )
 from vmexec.providers.ec2.userdata import (
+    DEFAULT_MAX_LIFETIME,
     FAILED,
     NOTICE_FILE,
     READY,
@@ -128,40 +133,11 @@ _CONSOLE_TAIL = 2000
 # How long a named fleet's machines stay on without a client, unless keepalive= says.
 _NAMED_KEEPALIVE = 600.0
 # Every option, for the message about an unknown one.
-_OPTIONS = ("instance_type", "regions", "arm", "spot", "ami", "ssh_cidr",
+_OPTIONS = ("instance_type", "regions", "arm", "spot", "ami", "ssh_cidr", "address_lookup",
             "iam_instance_profile", "root_volume_gb", "tags", "name", "packages",
             "index_url", "find_links", "wheel_urls", "session", "endpoint_url",
             "slots_per_machine", "boot_timeout", "max_lifetime", "keepalive", "ssh_user", "address_for",
             "boot_env", "handle_signals", "environment", "exclude", "env", "forward_env")
-
-
-def detect_ssh_cidr() -> str:
-    """This client's address as a /32 (or /128), found without sending anything.
-
-    A UDP socket ``connect`` to a public address only asks the kernel for the route,
-    whose source address is ours; no packet leaves the machine.
-
-    Raises:
-        ConfigError: no route, or the address is private (behind NAT, AWS sees another
-            address): the message says to pass ``ssh_cidr=``.
-    """
-    for family, probe in ((socket.AF_INET, ("8.8.8.8", 53)),
-                          (socket.AF_INET6, ("2001:4860:4860::8888", 53))):
-        try:
-            with socket.socket(family, socket.SOCK_DGRAM) as sock:
-                sock.connect(probe)
-                address = ipaddress.ip_address(sock.getsockname()[0])
-        except OSError:
-            continue
-        if not address.is_global:
-            raise ConfigError(
-                f"ssh_cidr: this computer's address {address} is private (behind NAT, AWS "
-                "sees another address), so vmexec cannot tell whom to let in on port 22. "
-                "Pass ssh_cidr='<your public IP>/32' (e.g. from "
-                "`curl https://checkip.amazonaws.com`), or the CIDR of your network")
-        return f"{address}/{address.max_prefixlen}"
-    raise ConfigError("ssh_cidr: this computer has no route to the internet to find its "
-                      "address; pass ssh_cidr='<address>/32' explicitly")
 
 
 def _positive(name: str, value: Any, *, integer: bool, allow_none: bool = True) -> Any:
@@ -207,7 +183,15 @@ class EC2Provider(Provider):
         spot: launch spot instances first, on-demand where spot is short.
         ami: image override: one id, or ``{(region, arch): id}`` (default: latest Amazon
             Linux 2023 per arch and region; GPU types get the Deep Learning Base AMI).
-        ssh_cidr: who may reach port 22 (default: this computer's address /32).
+        ssh_cidr: who may reach port 22. Default: this computer's public address as AWS
+            sees it (a /32 or /128, asked of AWS's "what is my IP" endpoint before the
+            first launch, never for a plan or ``dry_run``); a client inside EC2 admits
+            its own security groups in its own region and VPC and dials the machines
+            there at their private addresses (``vmexec.providers.ec2.network``).
+        address_lookup: True (default): find the public address as above
+            (``$VMEXEC_CHECKIP_URL`` names another endpoint); a URL: ask that endpoint;
+            False: send no request (the route's own address must then be public, else
+            pass ``ssh_cidr=``).
         iam_instance_profile: instance profile name or ARN for the machines' own role (the
             client's credentials never leave it).
         root_volume_gb: root volume size (default: the image's).
@@ -237,7 +221,8 @@ class EC2Provider(Provider):
         endpoint_url: AWS endpoint for every client (e.g. a moto server).
         slots_per_machine: slots per machine (default: its vCPU count).
         boot_timeout: seconds a machine may take to boot and answer SSH.
-        max_lifetime: seconds after which machines power themselves off anyway.
+        max_lifetime: seconds after which machines power themselves off anyway
+            (default 12 hours, ``userdata.DEFAULT_MAX_LIFETIME``).
         keepalive: for a named fleet, seconds its machines stay on after the client has
             gone (default 600; the executor passes its own ``keepalive``).
         ssh_user: the login user of the image (``ec2-user`` on Amazon Linux).
@@ -265,6 +250,7 @@ class EC2Provider(Provider):
         spot: bool = False,
         ami: Any = None,
         ssh_cidr: Optional[str] = None,
+        address_lookup: Any = True,
         iam_instance_profile: Optional[str] = None,
         root_volume_gb: Optional[int] = None,
         tags: Optional[Mapping[str, str]] = None,
@@ -347,18 +333,23 @@ class EC2Provider(Provider):
             if not isinstance(key, str) or not isinstance(value, str):
                 raise ConfigError(f"boot_env must map str to str, got {key!r}: {value!r}")
         self.ssh_user = ssh_user
-        if ssh_cidr is None:
-            ssh_cidr = detect_ssh_cidr()
-        try:
-            network = ipaddress.ip_network(ssh_cidr, strict=False)
-        except (TypeError, ValueError):
-            raise ConfigError(f"ssh_cidr must be a network like '203.0.113.7/32', "
-                              f"not {ssh_cidr!r}") from None
-        if network.prefixlen == 0:
-            log.warning("ssh_cidr=%s opens port 22 of every machine to the whole internet; "
-                        "the host keys are pinned and only the fleet's key may log in, but "
-                        "a narrower ssh_cidr is safer", network)
-        self.ssh_cidr = str(network)
+        # Who may reach port 22 is found when the first machine is launched, not here:
+        # a plan, its price and dry_run need no network (see network.ClientNetwork).
+        self.ssh_cidr: Optional[str] = None
+        if ssh_cidr is not None:
+            try:
+                network = ipaddress.ip_network(ssh_cidr, strict=False)
+            except (TypeError, ValueError):
+                raise ConfigError(f"ssh_cidr must be a network like '203.0.113.7/32', "
+                                  f"not {ssh_cidr!r}") from None
+            if network.prefixlen == 0:
+                log.warning("ssh_cidr=%s opens port 22 of every machine to the whole "
+                            "internet; the host keys are pinned and only the fleet's key "
+                            "may log in, but a narrower ssh_cidr is safer", network)
+            self.ssh_cidr = str(network)
+        self.network = ClientNetwork(self.ssh_cidr, validate_lookup(address_lookup))
+        self._access: dict[str, RegionAccess] = {}  # region -> how its machines are reached
+        self._groups: dict[str, str] = {}  # region -> the fleet's security group
         if endpoint_url is not None and not isinstance(endpoint_url, str):
             raise ConfigError(f"endpoint_url must be a URL string, not {endpoint_url!r}")
         self.endpoint_url = endpoint_url
@@ -525,7 +516,7 @@ class EC2Provider(Provider):
             index_url=self.index_url, find_links=self.find_links,
             heartbeat_grace=int(self.boot_timeout + 600),
             agent_grace=int(self.keepalive) if self.fleet_name else 300,
-            max_lifetime=int(self.max_lifetime or 0), env=self.boot_env,
+            max_lifetime=int(self.max_lifetime or DEFAULT_MAX_LIFETIME), env=self.boot_env,
             environment_script=_PREPARE_FOR_SSH_INSTALL if self.environment else "",
         )
 
@@ -533,7 +524,12 @@ class EC2Provider(Provider):
         """The boot script (the same for every machine of the fleet)."""
         with self._lock:
             if self._userdata is None:
-                self._userdata = render_userdata(self.boot_spec())
+                spec = self.boot_spec()
+                self._userdata = render_userdata(spec)
+                log.info("fleet %s: machines power themselves off %.1f hours after boot "
+                         "(max_lifetime=%d s; pass max_lifetime= to change it), or when "
+                         "no frame from this client has arrived for a while",
+                         self.fleet_id, spec.max_lifetime / 3600, spec.max_lifetime)
             return self._userdata
 
     def _ensure_keys(self) -> FleetKeys:
@@ -585,6 +581,10 @@ class EC2Provider(Provider):
             wants = allocate(self.plan, live, min(slots_wanted, room))
             if not wants:
                 return []
+            # Who may reach port 22, before anything is created (ConfigError naming
+            # ssh_cidr= if this computer's address cannot be found).
+            for region in sorted({region for region, _ in wants}):
+                self._region_access(region)
             started_here: list[MachineRecord] = []
             regions_before = set(self._setups)
             self._current_launch = started_here
@@ -666,6 +666,40 @@ class EC2Provider(Provider):
             if region not in new_regions:
                 self._terminate_ids(region, ids)
 
+    # -- reaching the machines (network.py) ---------------------------------------------
+    def _region_access(self, region: str) -> RegionAccess:
+        """Who may reach port 22 in ``region`` and which address to dial (found once)."""
+        with self._lock:
+            known = self._access.get(region)
+        if known is not None:
+            return known
+        access = self.network.access(region, self.facts[region].vpc_id)
+        with self._lock:
+            return self._access.setdefault(region, access)
+
+    def _dial_address(self, region: str, entry: Mapping[str, Any]) -> Optional[str]:
+        """The address of a running instance to SSH to: private in the client's own VPC,
+        else public (private when it has none)."""
+        access = self._access.get(region)
+        if access is not None and access.private:
+            return entry.get("PrivateIpAddress") or entry.get("PublicIpAddress")
+        return entry.get("PublicIpAddress") or entry.get("PrivateIpAddress")
+
+    def _follow_address(self) -> None:
+        """After an SSH failure: if this computer's public address changed (another
+        network), admit the new one and revoke the old in every region dialled by it."""
+        moved = self.network.moved()
+        if moved is None:
+            return
+        old, new = moved
+        with self._lock:
+            regions = [r for r, a in self._access.items() if a.automatic]
+            for region in regions:
+                self._access[region] = dataclasses.replace(self._access[region], cidr=new)
+            groups = {r: self._groups[r] for r in regions if r in self._groups}
+        for region, group_id in groups.items():
+            client_network.follow(self.clients[region].ec2, region, group_id, old, new)
+
     def _region_setup(self, region: str) -> RegionLaunchSetup:
         """The region's security group and launch template, created on first use."""
         with self._setup_locks[region]:
@@ -679,13 +713,26 @@ class EC2Provider(Provider):
             if named is not None and named.security_group:
                 # A named fleet's group, from an earlier run: its machines still use it.
                 group_id = named.security_group
-                resources.allow_ssh(ec2, region, group_id, self.ssh_cidr)
+                access = self._region_access(region)
+                resources.allow_ssh(ec2, region, group_id, access.cidr)
+                if access.source_groups:
+                    client_network.allow_groups(ec2, region, group_id, access.source_groups)
                 for template_id in named.launch_templates:
                     resources.delete_launch_template(ec2, region, template_id)
             else:
+                access = self._region_access(region)
                 group_id = resources.create_security_group(
                     ec2, region, vpc_id=facts.vpc_id, fleet_id=self.fleet_id,
-                    ssh_cidr=self.ssh_cidr, tags=self.tags)
+                    ssh_cidr=access.cidr, tags=self.tags)
+                if access.source_groups:
+                    try:
+                        client_network.allow_groups(ec2, region, group_id,
+                                                    access.source_groups)
+                    except BaseException:
+                        resources.teardown({region: ec2}, self.fleet_id)
+                        raise
+            with self._lock:
+                self._groups[region] = group_id
             try:
                 data, block_devices = self._template_data(region, group_id, images)
                 template_id = resources.create_launch_template(
@@ -757,17 +804,24 @@ class EC2Provider(Provider):
         deadline = clock.monotonic() + min(timeout, self.boot_timeout)
         entry = self._watchers[record.region or ""].wait_running(record.id, deadline)
         record.state = "running"
-        record.address = entry.get("PublicIpAddress") or entry.get("PrivateIpAddress")
+        record.address = self._dial_address(record.region or "", entry)
         record.zone = entry.get("Placement", {}).get("AvailabilityZone", record.zone)
         host, port = self.address_for(record)
         keys = self._ensure_keys()
 
         def ssh(command: str, seconds: float) -> Transport:
-            return open_ssh_transport(
-                host, port, self.ssh_user, key_filename=keys.client_key,
-                known_hosts=keys.known_hosts, host_key_policy="reject", command=command,
-                timeout=max(0.5, min(seconds, deadline - clock.monotonic())),
-                label=record.label)
+            try:
+                return open_ssh_transport(
+                    host, port, self.ssh_user, key_filename=keys.client_key,
+                    known_hosts=keys.known_hosts, host_key_policy="reject",
+                    command=command,
+                    timeout=max(0.5, min(seconds, deadline - clock.monotonic())),
+                    label=record.label)
+            except TransportError:
+                # A laptop on another network is no longer admitted by the fleet's
+                # security groups: follow it, and the next attempt gets through.
+                self._follow_address()
+                raise
 
         def probe() -> None:
             remaining = deadline - clock.monotonic()

@@ -22,11 +22,15 @@ directory on one computer; on a real machine the variable is unset. The script:
    ``$VMEXEC_ROOT/var/lib/vmexec/failed`` with the reason;
 2. starts a dead-man loop first (so that even a hung boot ends): it powers the machine
    off (``${VMEXEC_POWEROFF:-shutdown -h now}``; the instance then terminates) when
-   ``var/lib/vmexec/heartbeat`` is older than the grace period — the loop refreshes it
-   while an agent process is running, since the agent's own watchdog covers a vanished
-   client; the client also notes each agent start in ``opt/vmexec/client/`` (with a
-   named fleet's keepalive), so that a short-lived agent counts too — and after
-   ``max_lifetime``;
+   nothing was *heard from a client* for the grace period, and after ``max_lifetime``
+   (``DEFAULT_MAX_LIFETIME``, 12 hours, unless told otherwise). "Heard" is the newest
+   of: the boot (``var/lib/vmexec/heartbeat``), a client session setting the machine
+   up (``opt/vmexec/client/active``) and a frame arriving at the agent
+   (``opt/vmexec/client/heard``, touched by the agent on receipt only). A running
+   agent alone is not liveness: an agent blocked writing to a client that stopped
+   reading (a suspended laptop) must not keep the machine on (issue 12). The loop and
+   the notice poller run as root from ``usr/local/lib/vmexec/`` (``SCRIPTS_DIR``),
+   which the login user — and so task code — cannot write;
 3. installs the host key in ``$VMEXEC_ROOT/etc/ssh/`` and the client's public key in the
    login user's ``authorized_keys``, then restarts sshd
    (``${VMEXEC_SSHD_RELOAD:-systemctl restart sshd}``);
@@ -65,6 +69,9 @@ from vmexec.errors import ConfigError
 __all__ = [
     "USERDATA_LIMIT",
     "NOTICE_FILE",
+    "HEARD_FILE",
+    "SCRIPTS_DIR",
+    "DEFAULT_MAX_LIFETIME",
     "BootSpec",
     "FleetKeys",
     "named_fleet_directory",
@@ -87,6 +94,19 @@ READY, FAILED, WAITING = "VMEXEC-READY", "VMEXEC-FAILED", "VMEXEC-WAITING"
 #: ``/latest/meta-data/spot/instance-action``), relative to ``$VMEXEC_ROOT``; the agent
 #: watches it (``EC2Provider.agent_options``).
 NOTICE_FILE = "var/lib/vmexec/spot-interruption"
+
+#: Touched by the agent (the login user) when frames from its client arrive, relative to
+#: ``$VMEXEC_ROOT``; the dead-man loop reads its age.
+HEARD_FILE = "opt/vmexec/client/heard"
+
+#: Where the scripts that run as root live, relative to ``$VMEXEC_ROOT``: owned by root
+#: and not writable by the login user (``opt/vmexec`` is handed to that user for the
+#: environment install, so a script there could be rewritten by task code).
+SCRIPTS_DIR = "usr/local/lib/vmexec"
+
+#: Seconds after boot at which a machine powers itself off whatever happens, unless the
+#: fleet sets ``max_lifetime``: a forgotten fleet costs at most this much.
+DEFAULT_MAX_LIFETIME = 12 * 3600
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LOGIN_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -216,7 +236,9 @@ class BootSpec:
             install), after which the machine powers off.
         agent_grace: seconds without an agent *after* one ran (its client is gone: it
             was killed, or lost its network) after which the machine powers off.
-        max_lifetime: seconds after boot at which it powers off anyway (0: never).
+        max_lifetime: seconds after boot at which it powers off anyway
+            (``DEFAULT_MAX_LIFETIME`` unless given; 0: never, which nothing in vmexec
+            passes).
         env: extra ``export`` lines at the top (the harness's settings, mirrors' tokens
             are NOT meant for this: user-data is readable on the machine).
         environment_script: bash from ``vmexec.environment`` (``install_script`` or
@@ -237,7 +259,7 @@ class BootSpec:
     find_links: tuple[str, ...] = ()
     heartbeat_grace: int = 1800
     agent_grace: int = 300
-    max_lifetime: int = 0
+    max_lifetime: int = DEFAULT_MAX_LIFETIME
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     environment_script: str = ""
 
@@ -271,7 +293,10 @@ R="${{VMEXEC_ROOT:-}}"
 STATE="$R/var/lib/vmexec"
 LOG="$R/var/log/vmexec-boot.log"
 VENV="$R/opt/vmexec/venv"
-mkdir -p "$STATE" "$R/var/log" "$R/etc/ssh" "$R/opt/vmexec"
+BIN="$R/{scripts_dir}"
+mkdir -p "$STATE" "$R/var/log" "$R/etc/ssh" "$R/opt/vmexec" "$BIN"
+# Root's scripts: in a directory only root can write (task code runs as the login user).
+chmod 755 "$BIN"
 rm -f "$STATE/ready" "$STATE/failed"
 exec >>"$LOG" 2>&1
 step() {{ echo "[vmexec-boot $(date -u +%Y-%m-%dT%H:%M:%SZ)] $*"; }}
@@ -280,9 +305,10 @@ step "fleet {fleet}: boot script started (VMEXEC_ROOT='$R')"
 date +%s >"$STATE/boot-time"
 touch "$STATE/heartbeat"
 
-# 1. Dead-man: power off when no agent has run for GRACE seconds (AFTER seconds once an
-#    agent has run: its client is gone), or after MAXLIFE.
-cat >"$R/opt/vmexec/deadman.sh" <<'DEADMAN'
+# 1. Dead-man: power off when nothing was heard from a client for GRACE seconds (AFTER
+#    seconds once an agent has run), or after MAXLIFE.
+rm -f "$BIN/deadman.sh"
+cat >"$BIN/deadman.sh" <<'DEADMAN'
 #!/bin/bash
 R="${{VMEXEC_ROOT:-}}"; STATE="$R/var/lib/vmexec"; LOG="$R/var/log/vmexec-boot.log"
 GRACE={grace}; MAXLIFE={max_lifetime}; INTERVAL="${{VMEXEC_DEADMAN_INTERVAL:-30}}"
@@ -306,7 +332,9 @@ while true; do
   if [ "$MAXLIFE" -gt 0 ] && [ $((now - start)) -ge "$MAXLIFE" ]; then
     why="max_lifetime of ${{MAXLIFE}}s reached"; break
   fi
-  if agent_running; then touch "$STATE/heartbeat"; seen_agent=1; fi
+  # A running agent only tells which grace applies; it is not liveness: an agent
+  # blocked writing to a suspended client runs on. Liveness is a frame *received*.
+  if [ "$seen_agent" = 0 ] && agent_running; then seen_agent=1; touch "$STATE/agent-seen"; fi
   last=$(stat -c %Y "$STATE/heartbeat" 2>/dev/null || echo "$start")
   # The client notes each agent it starts (one too short-lived for this loop to see
   # still counts), and keeps "active" fresh while it probes, installs and starts one
@@ -314,6 +342,9 @@ while true; do
   [ -e "$R/opt/vmexec/client/agent-started" ] && seen_agent=1
   active=$(stat -c %Y "$R/opt/vmexec/client/active" 2>/dev/null || echo 0)
   [ "$active" -gt "$last" ] && last="$active"
+  # The agent touches "heard" when frames arrive from its client (never by itself).
+  heard=$(stat -c %Y "$R/{heard_file}" 2>/dev/null || echo 0)
+  [ "$heard" -gt "$last" ] && last="$heard"
   limit="$GRACE"
   if [ "$seen_agent" = 1 ]; then
     limit="$AFTER"
@@ -322,7 +353,7 @@ while true; do
     case "$g" in ''|*[!0-9]*) ;; *) limit="$g";; esac
   fi
   if [ $((now - last)) -gt "$limit" ]; then
-    why="no vmexec agent for ${{limit}}s"; break
+    why="nothing heard from a client for ${{limit}}s"; break
   fi
   sleep "$INTERVAL"
 done
@@ -330,12 +361,13 @@ echo "[vmexec-deadman $(date -u +%Y-%m-%dT%H:%M:%SZ)] powering off: $why" >>"$LO
 printf '%s\n' "$why" >"$STATE/poweroff"
 eval "${{VMEXEC_POWEROFF:-shutdown -h now}}"
 DEADMAN
-chmod 755 "$R/opt/vmexec/deadman.sh"
+chmod 755 "$BIN/deadman.sh"
+step "dead-man switch: off after {max_lifetime}s (max_lifetime), or when no client is heard"
 if [ -z "$R" ] && command -v systemd-run >/dev/null 2>&1; then
-  systemd-run --unit=vmexec-deadman --property=Restart=always "$R/opt/vmexec/deadman.sh" \
+  systemd-run --unit=vmexec-deadman --property=Restart=always "$BIN/deadman.sh" \
     || fail "cannot start the dead-man timer (systemd-run)"
 else
-  nohup "$R/opt/vmexec/deadman.sh" >/dev/null 2>&1 &
+  nohup "$BIN/deadman.sh" >/dev/null 2>&1 &
 fi
 
 # 1b. Spot interruption notices: EC2 announces a reclaim two minutes ahead in the
@@ -344,7 +376,8 @@ fi
 IMDS="${{VMEXEC_IMDS_URL:-}}"
 if [ -z "$IMDS" ] && [ -z "$R" ]; then IMDS="http://169.254.169.254"; fi
 if [ -n "$IMDS" ] && [ "$IMDS" != none ] && command -v curl >/dev/null 2>&1; then
-  cat >"$R/opt/vmexec/notice.sh" <<'NOTICE'
+  rm -f "$BIN/notice.sh"
+  cat >"$BIN/notice.sh" <<'NOTICE'
 #!/bin/bash
 IMDS="$1"; OUT="$2"
 while [ ! -e "$OUT" ]; do
@@ -357,8 +390,8 @@ while [ ! -e "$OUT" ]; do
   sleep 5
 done
 NOTICE
-  chmod 755 "$R/opt/vmexec/notice.sh"
-  nohup "$R/opt/vmexec/notice.sh" "$IMDS" "$R/{notice_file}" >/dev/null 2>&1 &
+  chmod 755 "$BIN/notice.sh"
+  nohup "$BIN/notice.sh" "$IMDS" "$R/{notice_file}" >/dev/null 2>&1 &
 fi
 
 # 2. SSH: the client's pinned host key and its login key.
@@ -468,6 +501,8 @@ def render_userdata(spec: BootSpec) -> str:
         login_user=_q(spec.login_user),
         python=spec.python,
         notice_file=NOTICE_FILE,
+        heard_file=HEARD_FILE,
+        scripts_dir=SCRIPTS_DIR,
         pip_options=_words(pip_options),
         environment_step=environment_step,
     )
@@ -481,6 +516,7 @@ def render_userdata(spec: BootSpec) -> str:
 
 
 _ROOT = "${VMEXEC_ROOT:-}"
+_HEARD_ENV = "VMEXEC_CLIENT_HEARD"  # vmexec.agent.main.HEARD_FILE_ENV (a leaf: not imported)
 
 
 def agent_command(root: str = _ROOT, agent_grace: Optional[int] = None,
@@ -497,15 +533,14 @@ def agent_command(root: str = _ROOT, agent_grace: Optional[int] = None,
             process list, but may miss an agent that lives less than its interval).
     """
     agent = f"{root}/opt/vmexec/venv/bin/python -m vmexec.agent"
-    notes = []
+    # The agent touches this file when client frames arrive: the dead-man's liveness.
+    notes = [f"{_HEARD_ENV}=\"{root}/{HEARD_FILE}\"; export {_HEARD_ENV}"]
     if note_start:  # first: the new grace must not apply to the time before this start
         notes.append(f"touch \"{root}/opt/vmexec/client/agent-started\" "
                      f"\"{root}/opt/vmexec/client/active\" 2>/dev/null")
     if agent_grace is not None:
         notes.append(f"printf '%s\\n' {int(agent_grace)} >\"{root}/opt/vmexec/client/"
                      "agent-grace\" 2>/dev/null")
-    if not notes:
-        return agent
     return "; ".join([*notes, f"exec {agent}"])
 
 
