@@ -147,6 +147,37 @@ def _module_reduce(module: ModuleType) -> Any:
     return namespaces.make_module, (_module_key(module.__dict__), name, attributes, numbers)
 
 
+_CODE_REDUCE = cloudpickle.Pickler.dispatch_table.get(CodeType)
+_DYNAMIC_FILENAME = "<dynamic-code>"
+
+
+def _code_reduce(code: CodeType) -> Any:
+    """cloudpickle's code reduction, keeping the code's file name.
+
+    cloudpickle (3.1) replaces it with "<dynamic-code>", so a remote traceback through
+    the user's code would show neither the file nor the source line; with the name, the
+    machine's traceback shows the file and line, and the source line where the file
+    exists there, as ProcessPoolExecutor's does.
+    """
+    assert _CODE_REDUCE is not None
+    reduced = _CODE_REDUCE(code)
+    args = reduced[1]
+    if _DYNAMIC_FILENAME in args:
+        index = args.index(_DYNAMIC_FILENAME)
+        reduced = (reduced[0], args[:index] + (code.co_filename,) + args[index + 1:],
+                   *reduced[2:])
+    return reduced
+
+
+def _dispatch_overrides() -> dict[type, Any]:
+    overrides: dict[type, Any] = {}
+    if _MODULE_REDUCE is not None and _SUBIMPORT is not None:
+        overrides[ModuleType] = _module_reduce
+    if _CODE_REDUCE is not None:
+        overrides[CodeType] = _code_reduce
+    return overrides
+
+
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle, with by-value code bound to one shared namespace per module on the worker.
 
@@ -156,9 +187,7 @@ class _Pickler(cloudpickle.Pickler):
     object is left as cloudpickle made it.
     """
 
-    if _MODULE_REDUCE is not None and _SUBIMPORT is not None:
-        dispatch_table = ChainMap({ModuleType: _module_reduce},
-                                  cloudpickle.Pickler.dispatch_table)
+    dispatch_table = ChainMap(_dispatch_overrides(), cloudpickle.Pickler.dispatch_table)
 
     def _dynamic_function_reduce(self, func: FunctionType) -> Any:
         reduced = super()._dynamic_function_reduce(func)
@@ -272,12 +301,45 @@ def dumps_callable(fn: Callable[..., Any]) -> tuple[bytes, bytes]:
     return digest, data
 
 
+# Arguments made only of these (in tuples, lists and dicts, a few levels deep) pickle
+# the same with the standard pickler, which costs ~0.5 µs against cloudpickle's ~3.5 µs
+# for a Pickler object per call: on map(f, range(n)) that is most of the client's cost.
+_PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
+_PLAIN_MAX_ITEMS = 64
+
+
+def _plain(obj: Any, depth: int = 0) -> bool:
+    kind = type(obj)
+    if kind in _PLAIN_TYPES:
+        return True
+    if depth >= 3:
+        return False
+    if kind is tuple or kind is list:
+        if len(obj) > _PLAIN_MAX_ITEMS:
+            return False
+        for item in obj:  # a loop, not all(genexpr): this runs once per map item
+            if type(item) not in _PLAIN_TYPES and not _plain(item, depth + 1):
+                return False
+        return True
+    if kind is dict:
+        if len(obj) > _PLAIN_MAX_ITEMS:
+            return False
+        for key, value in obj.items():
+            if type(key) is not str or not _plain(value, depth + 1):
+                return False
+        return True
+    return False
+
+
 def dumps_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """Pickle one call's arguments.
 
     Raises:
         pickle.PicklingError: naming the argument that cannot be pickled.
     """
+    if _plain(args) and (not kwargs or _plain(kwargs)):
+        return pickle.dumps((args, kwargs), pickle.HIGHEST_PROTOCOL if
+                            pickle.HIGHEST_PROTOCOL < 5 else 5)
     try:
         return dumps((args, kwargs))
     except Exception as exc:
