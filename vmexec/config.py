@@ -26,6 +26,15 @@ def provider_from_environment(explicit: Optional[str]) -> str:
     return os.environ.get(ENV_PROVIDER, "").strip() or DEFAULT_PROVIDER
 
 
+ENV_CHECKIP_URL = "VMEXEC_CHECKIP_URL"
+
+
+def checkip_url_from_environment() -> Optional[str]:
+    """``$VMEXEC_CHECKIP_URL``: where the EC2 provider asks for this computer's public
+    address instead of AWS's endpoint (a mirror, or the local cloud's emulation)."""
+    return os.environ.get(ENV_CHECKIP_URL, "").strip() or None
+
+
 _UNITS = {
     "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
     "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,

@@ -26,7 +26,8 @@ _ids = itertools.count(1)
 # that a script written for EC2 runs unchanged with VMEXEC_PROVIDER=local ("try before
 # paying"); anything else unknown is still refused, which catches typos.
 CLOUD_ONLY_OPTIONS = frozenset({
-    "instance_type", "regions", "arm", "spot", "ami", "ssh_cidr", "iam_instance_profile",
+    "instance_type", "regions", "arm", "spot", "ami", "ssh_cidr", "address_lookup",
+    "iam_instance_profile",
     "root_volume_gb", "tags", "name", "packages", "index_url", "find_links",
     "slots_per_machine", "max_hourly_cost", "budget", "environment", "exclude", "env",
     "forward_env",

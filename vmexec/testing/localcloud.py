@@ -26,6 +26,14 @@ Owns, for one test module or benchmark (``LocalCloud``, a context manager):
 * clients in other processes (``remote_options`` here, ``remote_executor_options``
   there): they reach the cloud through its control socket, so that killing one (even
   with SIGKILL) leaves the cloud and the machines to themselves;
+* the client's network as EC2 would see it, on the index's HTTP server: AWS's "what is
+  my IP" endpoint (``checkip_url``, answering ``client_address``; ``$VMEXEC_CHECKIP_URL``
+  points every client at it while the cloud is open), the instance metadata service of
+  a client placed inside a VPC (``place_client``), and with ``firewall=True`` each
+  machine's security group enforced on its SSH port (a gate per machine admits a
+  connection only when a tcp/22 rule admits the client as it dials: its public address,
+  or, over a private address, its security group or private address), and a client
+  that moves to another network (``move_client``: connections through the gates drop);
 * faults: API errors (``ApiFaults``: capacity per type / zone / region / spot, quotas,
   throttling bursts, as botocore handlers on the session, so they reach every client the
   provider makes from it), spot interruption notices, machines that die, sshds that never
@@ -63,6 +71,7 @@ import random
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -80,6 +89,7 @@ import botocore.config
 import botocore.exceptions
 from moto.server import ThreadedMotoServer
 
+from vmexec.testing.proxy import TCPProxy
 from vmexec.testing.fakevm import (
     BOOT_SLOT_SECONDS,
     ControlServer,
@@ -530,6 +540,9 @@ class LocalCloud:
             instances already "running", as on a slow hypervisor.
         machine_env: extra variables in every machine's SSH sessions (e.g. a
             ``UV_CACHE_DIR`` shared by all machines: an image with a warm package cache).
+        firewall: enforce each machine's security group on its SSH port (a gate per
+            machine), so that what the client authorizes and revokes matters.
+        client_address: the address the emulated "what is my IP" endpoint answers.
         start: start now (default), else call ``start()``.
 
     Attributes:
@@ -543,6 +556,11 @@ class LocalCloud:
         api_calls: ``Counter`` of ``(region, operation)`` made through ``session``.
         wheel_requests: wheels the machines downloaded from the index.
         offmachine_requests: URLs the guard refused (a test should assert it is empty).
+        checkip_url: the emulated "what is my IP" endpoint; ``checkip_requests`` counts
+            the requests it answered.
+        imds_url: the emulated metadata service (answers after ``place_client``).
+        client_address: the client's public address as the cloud sees it.
+        firewall_refusals: connections a gate refused (``firewall=True``).
 
     Raises:
         FakeVMError: sshd/ssh-keygen are missing or the wheel cannot be built.
@@ -552,7 +570,8 @@ class LocalCloud:
                  regions: Iterable[str] = ("us-east-1",), distro_sshd: bool = True,
                  poll_interval: float = 1.0, extra_distributions: Iterable[str] = (),
                  vm_tools: Iterable[str] = (), max_concurrent_boots: Optional[int] = None,
-                 machine_env: Optional[dict[str, str]] = None, start: bool = True) -> None:
+                 machine_env: Optional[dict[str, str]] = None, firewall: bool = False,
+                 client_address: str = "203.0.113.7", start: bool = True) -> None:
         self._own_workdir = workdir is None
         # Short paths: the control socket's path must fit in 107 bytes.
         self.workdir = Path(tempfile.mkdtemp(prefix="lc-") if workdir is None else workdir)
@@ -563,6 +582,15 @@ class LocalCloud:
         self._vm_tools = tuple(vm_tools)
         self._machine_env = dict(machine_env or {})
         self._lock = threading.RLock()
+        self.firewall = firewall
+        self.client_address = str(ipaddress.ip_address(client_address))
+        self.checkip_url = ""
+        self.imds_url = ""
+        self.checkip_requests = 0
+        self.firewall_refusals = 0
+        self.client_placement: Optional[dict[str, Any]] = None
+        self._gates: dict[str, _Gate] = {}
+        self._dialled: dict[str, str] = {}  # instance id -> "public" | "private"
         region_list = list(regions)
         self._regions: set[str] = set(region_list)
         self._default_region = region_list[0] if region_list else "us-east-1"
@@ -637,6 +665,7 @@ class LocalCloud:
         self._server = server
         host, port = server.get_host_and_port()
         self.endpoint_url = f"http://{host}:{port}"
+        self._start_index(self.workdir / "wheelhouse")
         self._isolate_environment()
         # Every API call goes through the guard; fault handlers read the live fault list
         # so faults added after a client was made still apply.
@@ -646,11 +675,11 @@ class LocalCloud:
         # before-parameter-build runs for every call, before any fault can answer it.
         events.register("before-parameter-build", self._count_call)
         events.register("after-call.ec2", self._after_launch)
+        events.register("after-call.ec2.DescribeInstances", self._public_addresses)
         self.faults = ApiFaults(self.session, self.client, self.endpoint_url)
         # moto's backends are process-wide: start from an empty cloud.
         _reset_moto(self.endpoint_url)
         self.wheels = build_wheelhouse(self.workdir / "wheelhouse", self._extra_distributions)
-        self._start_index(self.workdir / "wheelhouse")
         control_path = str(self.workdir / "ctl.sock")
         self._control = ControlServer(control_path, self._on_machine_request)
         marker_prefix = f"lc{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -684,6 +713,10 @@ class LocalCloud:
             waiters, self._boot_waiters = self._boot_waiters, []
         for waiter in waiters:
             waiter.join(10)  # their boot scripts were killed with the machines
+        with self._lock:
+            gates, self._gates = list(self._gates.values()), {}
+        for gate in gates:
+            gate.close()
         if self._control is not None:
             self._control.close()
             self._control = None
@@ -731,7 +764,8 @@ class LocalCloud:
             ``endpoint_url``, ``session``, ``address_for``, ``boot_env``, ``index_url``
             (the machines install vmexec and its agent's dependencies from this cloud's
             index), ``ssh_user`` (this computer's user: sshd logs in real accounts
-            only), ``ssh_cidr`` (the client is 127.0.0.1) and ``environment=None``: the
+            only), ``address_lookup`` (this cloud's "what is my IP" endpoint: the
+            security groups admit ``client_address``) and ``environment=None``: the
             machines install vmexec and the agent's requirements only. Environment sync
             (``environment="auto"``) installs the client's whole environment, which
             the index serves only with ``LocalCloud(extra_distributions=[...])``
@@ -744,7 +778,7 @@ class LocalCloud:
             "boot_env": self.boot_env(),
             "index_url": self.index_url,
             "ssh_user": getpass.getuser(),
-            "ssh_cidr": "127.0.0.1/32",
+            "address_lookup": self.checkip_url,
             "environment": None,
         }
         options.update(overrides)
@@ -787,7 +821,122 @@ class LocalCloud:
         with self._lock:
             if instance_id not in self._addresses:
                 self._addresses[instance_id] = self._allocate_address()
-            return self._addresses[instance_id]
+            address = self._addresses[instance_id]
+        if not self.firewall or isinstance(record, str):
+            return address
+        # The client dials through the machine's gate, which applies its security group
+        # to the address it dialled (record.address: public or private).
+        self._dialled[instance_id] = self._route_of(instance_id,
+                                                    getattr(record, "address", None))
+        with self._lock:
+            gate = self._gates.get(instance_id)
+            if gate is None:
+                gate = _Gate(address[0], address[1], admit=lambda: self._admits(instance_id))
+                self._gates[instance_id] = gate
+            return gate.host, gate.port
+
+    # --- the client's network ------------------------------------------------------------
+
+    def place_client(self, region: Optional[str] = None) -> dict[str, Any]:
+        """Put the client "inside" EC2: an instance in ``region``'s default VPC with its
+        own security group, as the metadata service (``imds_url``) then describes it.
+
+        Sets ``AWS_EC2_METADATA_SERVICE_ENDPOINT`` (and clears
+        ``AWS_EC2_METADATA_DISABLED``) while the cloud is open, so clients find it.
+
+        Returns:
+            ``region``, ``vpc_id``, ``vpc_cidr``, ``security_group``, ``private_ip``,
+            ``instance_id`` of the client.
+        """
+        region = region or self._default_region
+        with self._lock:
+            self._regions.add(region)
+        ec2 = self.client(region)
+        vpc = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"][0]
+        group = ec2.create_security_group(GroupName=f"notebook-{uuid.uuid4().hex[:6]}",
+                                          Description="the client's own instance",
+                                          VpcId=vpc["VpcId"])["GroupId"]
+        network = ipaddress.ip_network(vpc["CidrBlock"])
+        placement = {"region": region, "vpc_id": vpc["VpcId"], "vpc_cidr": str(network),
+                     "security_group": group, "private_ip": str(network[4242 % network.num_addresses]),
+                     "instance_id": f"i-{uuid.uuid4().hex[:17]}",
+                     "mac": "0e:00:00:00:42:01"}
+        with self._lock:
+            self.client_placement = placement
+        self._set_env({"AWS_EC2_METADATA_SERVICE_ENDPOINT": self.imds_url,
+                       "AWS_EC2_METADATA_DISABLED": None})
+        log.info("client placed in %s %s (%s, group %s)", region, vpc["VpcId"],
+                 placement["private_ip"], group)
+        return dict(placement)
+
+    def move_client(self, address: str) -> int:
+        """The client changes networks: the endpoint answers ``address`` from now on,
+        and (with ``firewall=True``) every connection through a gate drops.
+
+        Returns:
+            How many connections dropped.
+        """
+        with self._lock:
+            self.client_address = str(ipaddress.ip_address(address))
+            gates = list(self._gates.values())
+        dropped = sum(gate.cut() for gate in gates)
+        log.info("client moved to %s: %d connection(s) dropped", address, dropped)
+        return dropped
+
+    def ssh_rules(self, region: Optional[str] = None) -> list[str]:
+        """What tcp/22 of the fleets' security groups admits now (CIDRs and group ids),
+        in ``region`` (every polled region when None), sorted."""
+        found: set[str] = set()
+        has_tag = [{"Name": "tag-key", "Values": [FLEET_TAG]}]
+        for name in [region] if region else self.regions:
+            groups = self.client(name).describe_security_groups(Filters=has_tag)
+            for group in groups["SecurityGroups"]:
+                found.update(_port22_sources(group))
+        return sorted(found)
+
+    def _route_of(self, instance_id: str, address: Optional[str]) -> str:
+        if address is None:
+            return "public"
+        for inst in self.instances():
+            if inst["InstanceId"] == instance_id:
+                return "private" if address == inst.get("PrivateIpAddress") else "public"
+        return "public"
+
+    def _admits(self, instance_id: str) -> bool:
+        """Whether the instance's security groups let the client in on tcp/22 now."""
+        inst = next((i for i in self.instances() if i["InstanceId"] == instance_id), None)
+        if inst is None:
+            return False
+        region = inst["Region"]
+        group_ids = [g["GroupId"] for g in inst.get("SecurityGroups", [])]
+        if not group_ids:  # moto leaves a launch template's groups off the instance
+            template = self._launch_template_of(region, inst)
+            data = self._templates.data(region, template) if template else {}
+            group_ids = list(data.get("SecurityGroupIds") or [])
+        if not group_ids:
+            return False
+        groups = self.client(region).describe_security_groups(GroupIds=group_ids)
+        sources: set[str] = set()
+        for group in groups["SecurityGroups"]:
+            sources.update(_port22_sources(group))
+        with self._lock:
+            placement = self.client_placement
+            public = self.client_address
+        if self._dialled.get(instance_id) == "private":
+            if placement is None or placement["vpc_id"] != inst.get("VpcId") \
+                    or placement["region"] != region:
+                admitted = False  # a private address is not routable from elsewhere
+            else:
+                admitted = placement["security_group"] in sources or \
+                    _in_any(placement["private_ip"], sources)
+        else:
+            admitted = _in_any(public, sources)
+        if not admitted:
+            with self._lock:
+                self.firewall_refusals += 1
+            log.info("firewall: %s refuses the client (%s; tcp/22 admits %s)", instance_id,
+                     self._dialled.get(instance_id, "public"), sorted(sources) or "nobody")
+        return admitted
 
     # --- looking at machines -----------------------------------------------------------
 
@@ -868,6 +1017,7 @@ class LocalCloud:
             for page in pages:
                 for reservation in page["Reservations"]:
                     for instance in reservation["Instances"]:
+                        self._fill_public_address(instance)
                         found.append({**instance, "Region": name})
         return found
 
@@ -1016,6 +1166,22 @@ class LocalCloud:
                 self._regions.add(region)
                 self._poll_requested = True
                 self._wake.set()
+
+    def _public_addresses(self, parsed: dict[str, Any], **_: Any) -> None:
+        """``after-call``: moto gives no public address to an instance launched into a
+        subnet (every CreateFleet override names one); EC2's default subnets do. Each
+        running instance without one gets a stable one of 198.18.0.0/15 (RFC 2544)."""
+        for reservation in parsed.get("Reservations", []):
+            for inst in reservation.get("Instances", []):
+                self._fill_public_address(inst)
+
+    def _fill_public_address(self, inst: dict[str, Any]) -> None:
+        if inst.get("PublicIpAddress") or \
+                inst.get("State", {}).get("Name") not in ("pending", "running"):
+            return
+        digest = hashlib.sha256(inst["InstanceId"].encode()).digest()
+        inst["PublicIpAddress"] = str(ipaddress.IPv4Address("198.18.0.0") +
+                                      int.from_bytes(digest[:4], "big") % (1 << 17))
 
     def _after_launch(self, model: Any, **_: Any) -> None:
         """``after-call``: launches and terminations make the watcher look at once."""
@@ -1332,12 +1498,18 @@ class LocalCloud:
             "AWS_DEFAULT_REGION": self._default_region,
             "AWS_ENDPOINT_URL": self.endpoint_url,
             "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": None,
+            "VMEXEC_CHECKIP_URL": self.checkip_url,
             "AWS_CONFIG_FILE": str(self.workdir / "no-aws-config"),
             "AWS_SHARED_CREDENTIALS_FILE": str(self.workdir / "no-aws-credentials"),
             "AWS_PROFILE": None,
         }
+        self._set_env(values)
+
+    def _set_env(self, values: dict[str, Optional[str]]) -> None:
+        """Set (None: unset) variables until ``close()`` restores them."""
         for key, value in values.items():
-            self._saved_env[key] = os.environ.get(key)
+            self._saved_env.setdefault(key, os.environ.get(key))
             if value is None:
                 os.environ.pop(key, None)
             else:
@@ -1359,10 +1531,54 @@ class LocalCloud:
                 super().__init__(*args, directory=str(root), **kwargs)
 
             def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                if self.path == "/checkip":
+                    with cloud._lock:
+                        cloud.checkip_requests += 1
+                        answer = cloud.client_address
+                    self._answer(200, answer + "\n")
+                    return
+                if self.path.startswith("/latest/"):
+                    self._metadata()
+                    return
                 if self.path.endswith(".whl"):
                     with cloud._lock:
                         cloud.wheel_requests += 1
                 super().do_GET()
+
+            def do_PUT(self) -> None:  # noqa: N802 - the http.server API
+                if self.path == "/latest/api/token" and cloud.client_placement is not None:
+                    self._answer(200, "local-cloud-imds-token")
+                else:
+                    self._answer(404, "not found")
+
+            def _metadata(self) -> None:
+                placement = cloud.client_placement
+                if placement is None or \
+                        self.headers.get("X-aws-ec2-metadata-token") != "local-cloud-imds-token":
+                    self._answer(401 if placement is not None else 404, "")
+                    return
+                interface = f"/latest/meta-data/network/interfaces/macs/{placement['mac']}/"
+                answers = {
+                    "/latest/meta-data/instance-id": placement["instance_id"],
+                    "/latest/meta-data/placement/region": placement["region"],
+                    "/latest/meta-data/mac": placement["mac"],
+                    "/latest/meta-data/local-ipv4": placement["private_ip"],
+                    interface + "vpc-id": placement["vpc_id"],
+                    interface + "vpc-ipv4-cidr-blocks": placement["vpc_cidr"],
+                    interface + "security-group-ids": placement["security_group"],
+                }
+                if self.path in answers:
+                    self._answer(200, answers[self.path])
+                else:
+                    self._answer(404, "")
+
+            def _answer(self, status: int, text: str) -> None:
+                body = text.encode("utf-8")
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("index: " + format, *args)
@@ -1376,6 +1592,8 @@ class LocalCloud:
         port = server.server_address[1]
         self.index_url = f"http://127.0.0.1:{port}/simple/"
         self.find_links = f"http://127.0.0.1:{port}/files/"
+        self.checkip_url = f"http://127.0.0.1:{port}/checkip"
+        self.imds_url = f"http://127.0.0.1:{port}"
 
     def _tool_dirs(self) -> list[str]:
         if not self._vm_tools:
@@ -1390,6 +1608,52 @@ class LocalCloud:
             if not link.exists():
                 link.symlink_to(found)
         return [str(tools)]
+
+
+class _Gate(TCPProxy):
+    """A machine's SSH port as the client reaches it: each new connection is admitted
+    only when ``admit()`` says its security group lets the client in (else reset)."""
+
+    def __init__(self, host: str, port: int, admit: Callable[[], bool]) -> None:
+        self._admit = admit
+        super().__init__(host, port)
+
+    def _start_pair(self, client: socket.socket) -> None:
+        try:
+            admitted = self._admit()
+        except _MOTO_ERRORS as exc:
+            log.warning("firewall: could not read the security group: %s", exc)
+            admitted = False
+        if not admitted:
+            # Zero linger: the client gets a reset, as from a port nobody may reach.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            return
+        super()._start_pair(client)
+
+
+def _port22_sources(group: dict[str, Any]) -> set[str]:
+    """CIDRs and group ids that ``group`` admits on tcp/22."""
+    found: set[str] = set()
+    for rule in group.get("IpPermissions", []):
+        if rule.get("IpProtocol") not in ("tcp", "-1") or \
+                not rule.get("FromPort", 0) <= 22 <= rule.get("ToPort", 65535):
+            continue
+        found.update(r["CidrIp"] for r in rule.get("IpRanges", []))
+        found.update(r["CidrIpv6"] for r in rule.get("Ipv6Ranges", []))
+        found.update(p["GroupId"] for p in rule.get("UserIdGroupPairs", []))
+    return found
+
+
+def _in_any(address: str, sources: Iterable[str]) -> bool:
+    ip = ipaddress.ip_address(address)
+    for source in sources:
+        try:
+            if ip in ipaddress.ip_network(source, strict=False):
+                return True
+        except ValueError:
+            continue  # a group id
+    return False
 
 
 class _QuietMotoServer(ThreadedMotoServer):

@@ -397,6 +397,10 @@ class EC2Provider(Provider):
                 self._client("ec2", home)
         except InvalidRegionError as exc:
             raise ConfigError(f"regions: {exc}; use names like 'us-east-1'") from None
+        # Who owns what this fleet creates: the AWS identity (STS), which nobody can
+        # claim for another, so that `vmexec cleanup` deletes only the caller's own.
+        self.owner = resources.caller_owner(self._client("sts", home))
+        self.tags[resources.TAG_OWNER] = self.owner
 
         # -- what AWS offers: validation and the plan (no resource is created) ---------
         check_regions(self.regions, describe_regions(home_ec2))
@@ -420,7 +424,7 @@ class EC2Provider(Provider):
         if name:
             self._named = self._per_region(
                 lambda r: find_named(self.clients[r].ec2, r, self.fleet_id))
-            check_owner(self._named, name, resources.owner())
+            check_owner(self._named, name, self.owner)
             planned = {(line.region, line.instance_type): self.type_infos[line.instance_type]
                        for line in self.plan.lines}
             slots = {line.instance_type: line.slots_per_machine for line in self.plan.lines}
@@ -1044,7 +1048,7 @@ class EC2Provider(Provider):
         Other owners' fleets may be alive and are never touched here; ``vmexec cleanup``
         is the tool for those.
         """
-        me = resources.owner()
+        me = self.owner
         summary = resources.sweep(
             {r: c.ec2 for r, c in self.clients.items()},
             older_than=datetime.timedelta(hours=2),
