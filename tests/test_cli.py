@@ -83,7 +83,7 @@ def test_ls_and_cleanup_after_a_killed_client(tmp_path: Path, url: str,
     out = capsys.readouterr().out
     for resource in leaked:
         assert resource.id in out  # type: ignore[attr-defined]
-    assert fleet in out and "killed-run" in out and "@" in out
+    assert fleet in out and "killed-run" in out and "arn:aws:" in out
     assert "4 instance(s)" in out and "in 1 fleet(s)" in out
 
     # Dry run by default: shows, deletes nothing.

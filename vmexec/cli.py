@@ -95,6 +95,9 @@ def fleet_options(parser: argparse.ArgumentParser) -> None:
 def confirm_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--yes", action="store_true",
                         help="really delete (without it, only show what would be deleted)")
+    parser.add_argument("--all-owners", action="store_true",
+                        help="also resources whose vmexec:owner tag is not your AWS identity "
+                             "(default: only your own)")
 
 
 def _age(text: str) -> datetime.timedelta:
@@ -259,25 +262,50 @@ def ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _caller_owner(args: argparse.Namespace) -> str:
+    """The caller's AWS identity (STS), as in the ``vmexec:owner`` tag it creates."""
+    from vmexec.providers.ec2.resources import caller_owner
+
+    session = _aws_session(args)
+    return caller_owner(session.client("sts", region_name=session.region_name or "us-east-1",
+                                       endpoint_url=args.endpoint_url))
+
+
 @command("cleanup", "delete vmexec resources left behind (dry run unless --yes)",
          aws_options, region_options, fleet_options, confirm_options)
 def cleanup(args: argparse.Namespace) -> int:
-    """Delete what ``ls`` shows (optionally one fleet, or older than an age).
+    """Delete what ``ls`` shows of *your* resources (optionally one fleet, or older than
+    an age); ``--all-owners`` includes everyone's.
 
-    Dry run by default: prints what would be deleted. With ``--yes``, terminates the
-    instances, waits, deletes the rest, and checks by tag that it is gone.
+    Your resources are those whose ``vmexec:owner`` tag is your AWS identity (STS
+    ``GetCallerIdentity``). Dry run by default: prints what would be deleted. With
+    ``--yes``, deletes exactly the resources it printed (terminates the instances, waits,
+    deletes the rest) and checks that they are gone; anything created meanwhile is left.
     """
-    from vmexec.providers.ec2.resources import sweep
+    from vmexec.providers.ec2.resources import delete_listed
 
-    clients, found = _show(args, "nothing to clean up")
+    clients = _ec2_clients(args)
+    found = _find(args, clients)
+    others = []
+    if not args.all_owners:
+        me = _caller_owner(args)
+        others = [r for r in found if r.owner != me]
+        found = [r for r in found if r.owner == me]
+    print(_table(found) if found else
+          f"nothing to clean up in {len(clients)} region(s)"
+          + ("" if args.all_owners else " (of your resources)"))
+    if others:
+        owners = sorted({r.owner or "(no owner tag)" for r in others})
+        print(f"\nleft out {len(others)} resource(s) of other owners "
+              f"({', '.join(owners[:3])}{' ...' if len(owners) > 3 else ''}): "
+              "add --all-owners to include them")
     if not found:
         return 0
     if not args.yes:
         print(f"\nwould delete {_counts(found)}; run again with --yes to delete them")
         return 0
     regions = {r.region for r in found}
-    summary = sweep({r: c for r, c in clients.items() if r in regions}, fleet=args.fleet,
-                    older_than=args.older_than)
+    summary = delete_listed({r: c for r, c in clients.items() if r in regions}, found)
     print(f"\n{summary.text()}")
     if args.fleet:
         # A named fleet kept warm keeps its staged environment for its next run.

@@ -2,7 +2,8 @@
 
 Owns:
 
-* **Tags.** Every resource gets ``vmexec:fleet``, ``vmexec:owner`` (user@host),
+* **Tags.** Every resource gets ``vmexec:fleet``, ``vmexec:owner`` (the AWS caller
+  identity's ARN, from STS: ``caller_owner``; not a self-asserted user@host),
   ``vmexec:created`` (ISO UTC), ``Name`` and the user's ``tags``, at creation (through
   ``TagSpecifications``), so anything left behind can be found with no local state.
 * **Creation** of the per-fleet security group (tcp/22 from ``ssh_cidr`` only, in the
@@ -15,7 +16,9 @@ Owns:
   instances' network interfaces detach), then **verify by tag** that nothing of the fleet
   remains in any region. Regions run in parallel. The ``TeardownSummary`` counts what was
   deleted (the guardrails' cost receipt uses it) and lists what remains.
-* **Sweeping** (``sweep``): the same for resources of earlier runs (``vmexec cleanup``).
+* **Sweeping** (``sweep``): the same for resources of earlier runs; ``delete_listed``
+  deletes exactly a list of resources a person saw (``vmexec cleanup``), never what a
+  second query finds.
 
 Imports boto3 error types; lives under ``providers/ec2``. Must not import the scheduler,
 the executor or the CLI.
@@ -50,6 +53,8 @@ __all__ = [
     "Resource",
     "TeardownSummary",
     "owner",
+    "caller_owner",
+    "delete_listed",
     "utc_now",
     "fleet_tags",
     "validate_user_tags",
@@ -92,6 +97,23 @@ def owner() -> str:
     except (KeyError, OSError):  # no passwd entry in some containers
         user = "unknown"
     return f"{user}@{socket.gethostname()}"
+
+
+def caller_owner(sts: Any) -> str:
+    """The ``vmexec:owner`` of resources this caller creates: its AWS identity's ARN.
+
+    STS says who the credentials belong to (``arn:aws:iam::123456789012:user/alice``,
+    or ``arn:aws:sts::...:assumed-role/Role/session``); unlike ``user@host`` nobody can
+    claim another's. ``vmexec cleanup`` deletes only the caller's own resources by it.
+
+    Args:
+        sts: an STS client of the session vmexec uses.
+
+    Raises:
+        ConfigError/VMExecError: STS refused (no valid credentials).
+    """
+    identity = ec2_errors.call("GetCallerIdentity", None, sts.get_caller_identity)
+    return str(identity["Arn"])
 
 
 def utc_now() -> datetime.datetime:
@@ -763,6 +785,48 @@ def keep_warm(clients: Mapping[str, Any], fleet_id: str, *,
     summary = _summarize(TeardownSummary(fleet=fleet_id, regions=list(clients),
                                          keepalive=keepalive), one, "vmexec-ec2-keep")
     (log.info if summary.clean else log.error)("%s", summary.text())
+    return summary
+
+
+def delete_listed(clients: Mapping[str, Any], listed: Iterable[Resource], *,
+                  clock: Optional[retry.Clock] = None,
+                  dependency_timeout: float = 120.0) -> TeardownSummary:
+    """Delete exactly ``listed`` (what ``vmexec cleanup`` showed), then check they are gone.
+
+    No second query chooses what to delete: a resource created after the listing (a
+    colleague's fleet starting, another owner's) is never touched. The check afterwards
+    describes again, but only reports the listed resources still present.
+
+    Args:
+        clients: region -> EC2 client, for every region of ``listed``.
+        listed: the resources to delete.
+        clock: time source for waits.
+        dependency_timeout: how long to retry deleting a security group still in use.
+    """
+    by_region: dict[str, list[Resource]] = collections.defaultdict(list)
+    for resource in listed:
+        by_region[resource.region].append(resource)
+    clock = clock or retry.current_clock()
+
+    def one(region: str) -> _RegionOutcome:
+        ec2 = clients[region]
+        mine = by_region[region]
+        deleted = delete_resources(ec2, region, mine, clock=clock,
+                                   dependency_timeout=dependency_timeout)
+        ids = {r.id for r in mine}
+        remaining: list[Resource] = []
+        for pause in (0.0, 1.0, 2.0, 4.0, 8.0):
+            if pause:
+                clock.sleep(pause)
+            remaining = [r for r in find_resources(ec2, region) if r.id in ids]
+            if not remaining or any(r.state not in ("deleting", "shutting-down")
+                                    for r in remaining):
+                break
+        return deleted, remaining, []
+
+    summary = _summarize(TeardownSummary(fleet=None, regions=sorted(by_region)), one,
+                         "vmexec-ec2-cleanup")
+    log.info("%s", summary.text())
     return summary
 
 
