@@ -26,7 +26,7 @@ from vmexec.errors import ConfigError
 from vmexec.guardrails.costs import CostGuard
 from vmexec.providers import get_provider_class
 from vmexec.providers.base import MachineRecord, Provider
-from vmexec.scheduler import Scheduler, WorkItem
+from vmexec.scheduler import MapCall, MapItem, Scheduler, WorkItem
 
 T = TypeVar("T")
 
@@ -196,18 +196,28 @@ class VMExecutor(Executor):
         batch: list[WorkItem] = []
         source: Iterable[Any] = calls if chunksize == 1 else _chunks(calls, chunksize)
         empty_kwargs: dict[str, Any] = {}
+        shared = MapCall()
         for call in source:
-            future = Future()
-            futures.append(future)
             try:
                 if chunksize == 1:
                     data = pickling.dumps_call(call, empty_kwargs)
                 else:
                     data = pickling.dumps_chunk(call)
             except pickle.PicklingError as exc:
+                future: Future[Any] = Future()
                 future.set_exception(exc)
+                futures.append(future)
                 continue
-            batch.append(WorkItem(future, digest, fn_bytes, data, chunksize > 1, label))
+            if chunksize == 1:
+                # Its own future: one object per item (see MapCall), and it may travel
+                # in a micro-batch with its neighbours.
+                item: WorkItem = MapItem(shared, digest, fn_bytes, data, label)
+                futures.append(item)  # type: ignore[arg-type]
+            else:
+                future = Future()
+                futures.append(future)
+                item = WorkItem(future, digest, fn_bytes, data, True, label)
+            batch.append(item)
             if len(batch) >= _MAP_SUBMIT_SLICE:
                 self._scheduler.submit(batch)
                 batch = []

@@ -97,13 +97,30 @@ def register_user_modules() -> None:
         _seen_module_count = len(sys.modules)
 
 
-# (id of a module's globals, name) -> (the object last sent for that name, its number).
-# Holding the object keeps its id from being reused by a new object, which would make a
-# rebinding look like the old binding. Numbers only grow: a worker that receives an
-# older pickle after a newer one (functions are unpickled lazily) keeps the newer value.
-_sent_bindings: dict[tuple[int, str], tuple[Any, int]] = {}
+# (id of a module's globals, name) -> (the object last sent for that name, or a weak
+# reference to it, and its number). The object is compared by identity, so it must not
+# die while an entry names it (a new object could take its id and pass for the old
+# binding): a weak reference that died no longer matches anything, and objects that
+# cannot be weakly referenced (ints, strings, lists, dicts) are held. Numbers only
+# grow: a worker that receives an older pickle after a newer one (functions are
+# unpickled lazily) keeps the newer value.
+_sent_bindings: dict[tuple[int, str], tuple[Optional[weakref.ref[Any]], Any, int]] = {}
 _binding_numbers = itertools.count(1)
 _binding_lock = threading.Lock()
+
+
+def _held_is(weak: Optional[weakref.ref[Any]], strong: Any, value: Any) -> bool:
+    if weak is None:
+        return strong is value
+    held = weak()
+    return held is not None and held is value
+
+
+def _hold(value: Any) -> tuple[Optional[weakref.ref[Any]], Any]:
+    try:
+        return weakref.ref(value), None
+    except TypeError:
+        return None, value
 
 
 def _binding_numbers_of(namespace: dict[str, Any], values: dict[str, Any]) -> dict[str, int]:
@@ -112,9 +129,9 @@ def _binding_numbers_of(namespace: dict[str, Any], values: dict[str, Any]) -> di
     with _binding_lock:
         for name, value in values.items():
             sent = _sent_bindings.get((where, name))
-            if sent is None or sent[0] is not value:
-                sent = _sent_bindings[(where, name)] = (value, next(_binding_numbers))
-            numbers[name] = sent[1]
+            if sent is None or not _held_is(sent[0], sent[1], value):
+                sent = _sent_bindings[(where, name)] = (*_hold(value), next(_binding_numbers))
+            numbers[name] = sent[2]
     return numbers
 
 

@@ -36,7 +36,8 @@ from typing import Any
 from vmexec._version import __version__
 from vmexec.errors import ProtocolError, VersionMismatch
 
-PROTOCOL_VERSION = 1
+# 2: TASK's last field may be 2, a micro-batch of separate calls (agent/worker.py).
+PROTOCOL_VERSION = 2
 MAGIC = b"VMEXEC-AGENT\n"
 _HEADER = struct.Struct(">I")
 # A frame larger than this is either garbage on the stream or a task that should have
@@ -44,6 +45,7 @@ _HEADER = struct.Struct(">I")
 # allocate gigabytes.
 MAX_FRAME_BYTES = 1 << 31
 _PICKLE_PROTOCOL = 5 if sys.version_info >= (3, 8) else 4
+PICKLE_PROTOCOL = _PICKLE_PROTOCOL
 _HANDSHAKE_PICKLE_PROTOCOL = 4
 
 
@@ -52,7 +54,7 @@ class Msg:
 
     # client -> agent
     FUNC = 1  # (FUNC, digest, callable_bytes)
-    TASK = 2  # (TASK, task_id, digest, args_bytes, chunked)
+    TASK = 2  # (TASK, task_id, digest, args_bytes, chunked: False, True or 2 = batch)
     PING = 3  # (PING, client_monotonic)
     SHUTDOWN = 4  # (SHUTDOWN,)
     RELEASE = 5  # (RELEASE,): give back every task not yet handed to a worker

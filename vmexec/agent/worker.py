@@ -199,9 +199,29 @@ def _unpickle_task(funcs: dict[bytes, Any], digest: bytes, args_bytes: bytes) ->
         ) from exc
 
 
-def _call(fn: Callable[..., Any], call: Any, chunked: bool) -> Any:
+#: ``chunked`` value of a TASK that is a micro-batch: separate calls sent together.
+BATCH = 2
+
+
+def _call(fn: Callable[..., Any], call: Any, chunked: Any) -> Any:
+    if chunked == BATCH:
+        # Separate calls (map items with chunksize=1) sent as one task to save per-task
+        # overhead: each succeeds or fails on its own, as if sent alone.
+        return [_call_one(fn, item_id, data) for item_id, data in call]
     if chunked:
         # One work item holding many calls, as ProcessPoolExecutor's _process_chunk.
         return [fn(*args) for args in call]
     args, kwargs = call
     return fn(*args, **kwargs)
+
+
+def _call_one(fn: Callable[..., Any], item_id: int, data: bytes
+              ) -> tuple[int, bool, bytes, float]:
+    """One call of a micro-batch: ``(item id, ok, pickled value or error, seconds)``."""
+    started = time.perf_counter()
+    try:
+        args, kwargs = cloudpickle.loads(data)
+        value = fn(*args, **kwargs)
+        return item_id, True, cloudpickle.dumps(value), time.perf_counter() - started
+    except BaseException as exc:  # the call's own outcome, as for a task sent alone
+        return item_id, False, _describe_exception(exc), time.perf_counter() - started
