@@ -187,6 +187,62 @@ def test_a_global_the_client_rebinds_reaches_the_workers(make_executor):
             SCALE = 1
 
 
+def read_scale() -> int:
+    return SCALE
+
+
+class Shape:
+    sides = 0
+
+
+def test_pickles_of_one_module_share_one_namespace_once_unpickled():
+    """What a worker does with two pickles made separately (this process plays the
+    worker: vmexec.agent.namespaces keeps one namespace per client module)."""
+    from vmexec import pickling
+
+    global SCALE
+    pickling.register_user_modules()  # as submit() does: this module travels by value
+    setter = pickle.loads(pickling.dumps(set_scale_on_worker))
+    reader = pickle.loads(pickling.dumps(read_scale))
+    assert setter.__globals__ is reader.__globals__
+    assert setter.__globals__ is not globals()  # the worker's copy, not this module
+    setter(7)
+    assert reader() == 7
+    # Unchanged in this process: a later pickle does not undo the worker's value.
+    assert pickle.loads(pickling.dumps(read_scale))() == 7
+    old_bytes = pickling.dumps(read_scale)
+    try:
+        SCALE = 11  # rebound here: the next pickle carries the newer binding
+        newer = pickle.loads(pickling.dumps(read_scale))
+        assert newer() == 11 and reader() == 11
+        # An older pickle unpickled late (workers unpickle lazily) keeps the newer value.
+        pickle.loads(old_bytes)
+        assert reader() == 11
+    finally:
+        SCALE = 1
+
+
+WORKER = """
+import pickle, sys
+first, second = pickle.loads(sys.stdin.buffer.read())
+shape = pickle.loads(first)
+shape.sides = 4          # the initializer stores something on the class
+again = pickle.loads(second)
+print(again is shape, again.sides)
+"""
+
+
+def test_a_class_arriving_again_keeps_what_the_worker_stored_on_it():
+    from vmexec import pickling
+
+    pickling.register_user_modules()
+    # Two pickles made separately, as for an initializer and a later task.
+    data = pickle.dumps((pickling.dumps(Shape), pickling.dumps(Shape)))
+    out = subprocess.run([sys.executable, "-c", WORKER], input=data, capture_output=True,
+                         timeout=60, check=True)
+    assert out.stdout.split() == [b"True", b"4"]
+
+
 # -- 2. errors that ``except BrokenProcessPool`` catches -------------------------------
 
 def _exit() -> None:
@@ -233,6 +289,22 @@ def test_unpickling_failures_are_broken_process_pool_for_that_future_only(make_e
         assert isinstance(info.value, BrokenProcessPool)
         # Better than breaking the pool: the other futures and the executor go on.
         assert ex.submit(helpers.add, 1, 2).result(timeout=60) == 3
+
+
+def test_an_unpicklable_map_item_is_broken_process_pool_for_that_item_only(make_executor):
+    items = [1, ExitAtUnpickle(), 2]
+    with ProcessPoolExecutor(1) as ppe:
+        with pytest.raises(BrokenProcessPool):
+            list(ppe.map(helpers.add, items))
+    with make_executor() as ex:
+        # map items travel in batches: the bad item must not take its neighbours along.
+        futures = [ex.submit(helpers.add, i) for i in (1, 2)]
+        results = ex.map(helpers.add, items)
+        assert next(results) == 1
+        with pytest.raises(DeserializationError, match="SystemExit"):
+            next(results)
+        assert [f.result(timeout=60) for f in futures] == [1, 2]
+        assert list(ex.map(helpers.add, [5, 6, 7])) == [5, 6, 7]
 
 
 def test_a_worker_that_dies_is_broken_process_pool_for_that_future_only(make_executor):

@@ -186,16 +186,19 @@ def _unpickle_task(funcs: dict[bytes, Any], digest: bytes, args_bytes: bytes) ->
             ``KeyboardInterrupt`` included: a task's bytes must not end the worker.
     """
     fn = funcs[digest]  # the agent sends each FUNC before the first TASK that uses it
-    what = "function"
+    if isinstance(fn, bytes):
+        fn = funcs[digest] = _unpickle(fn, "function")
+    return fn, _unpickle(args_bytes, "arguments")
+
+
+def _unpickle(data: bytes, what: str) -> Any:
     try:
-        if isinstance(fn, bytes):
-            fn = funcs[digest] = cloudpickle.loads(fn)
-        what = "arguments"
-        return fn, cloudpickle.loads(args_bytes)
+        return cloudpickle.loads(data)
     except BaseException as exc:
         raise DeserializationError(
-            f"the task's {what} could not be unpickled on the machine: {exc!r}. Every module the function and its arguments "
-            "need must be importable there, and unpickling them must not exit or fail"
+            f"the task's {what} could not be unpickled on the machine: {exc!r}. Every "
+            "module the function and its arguments need must be importable there, and "
+            "unpickling them must not exit or fail"
         ) from exc
 
 
@@ -220,7 +223,7 @@ def _call_one(fn: Callable[..., Any], item_id: int, data: bytes
     """One call of a micro-batch: ``(item id, ok, pickled value or error, seconds)``."""
     started = time.perf_counter()
     try:
-        args, kwargs = cloudpickle.loads(data)
+        args, kwargs = _unpickle(data, "arguments")
         value = fn(*args, **kwargs)
         return item_id, True, cloudpickle.dumps(value), time.perf_counter() - started
     except BaseException as exc:  # the call's own outcome, as for a task sent alone
