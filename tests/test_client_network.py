@@ -288,13 +288,14 @@ def test_e2e_client_inside_a_vpc_uses_private_addresses_there(firewalled: Any) -
         fleet = {m.id: m for m in ex.fleet}
         home = cloud.ssh_rules(REGION)
         other = cloud.ssh_rules(OTHER_REGION)
+        described = {i["InstanceId"]: i for i in cloud.instances()}
     assert [r[0] for r in results] == list(range(20))
     assert {m.region for m in fleet.values()} == {REGION, OTHER_REGION}
     # Same region and VPC: the client's security group; elsewhere its public address.
     assert placement["security_group"] in home and "203.0.113.7/32" not in home
     assert other == ["203.0.113.7/32"]
     for instance_id, machine in fleet.items():
-        inst = next(i for i in cloud.instances() if i["InstanceId"] == instance_id)
+        inst = described[instance_id]
         expected = inst["PrivateIpAddress"] if machine.region == REGION else \
             inst["PublicIpAddress"]
         assert machine.address == expected
