@@ -12,15 +12,41 @@ from vmexec.guardrails.budget import CostMeter
 from vmexec.guardrails.costs import CostGuard
 
 
-def test_local_fleet_receipt_says_it_cost_nothing(caplog):
+def test_local_fleet_receipt_says_it_cost_nothing_at_debug_only(caplog):
     caplog.set_level(logging.INFO, logger="vmexec.cost")
     with VMExecutor(2, provider="local") as ex:
         assert ex.submit(helpers.add, 1).result(timeout=60) == 1
         assert ex.cost == 0.0
         assert "$0" in ex.plan
+    # Nothing was spent: no receipt by default (not even an empty line) ...
+    assert [r for r in caplog.records if r.name == "vmexec.cost"] == []
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="vmexec.cost")
+    with VMExecutor(2, provider="local") as ex:
+        assert ex.submit(helpers.add, 1).result(timeout=60) == 1
+    # ... and at DEBUG, the receipt is there.
     receipts = [r.getMessage() for r in caplog.records if r.name == "vmexec.cost"]
     assert len(receipts) == 1 and receipts[0].startswith("1 machine")
     assert "$0 (your own machines)" in receipts[0]
+
+
+def test_local_fleet_prints_nothing_at_shutdown_without_logging_configured(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "quiet.py"
+    script.write_text(textwrap.dedent("""
+        from vmexec import VMExecutor
+        if __name__ == "__main__":
+            with VMExecutor(2, provider="local") as ex:
+                print(ex.submit(pow, 2, 5).result(timeout=60))
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "32\n"
+    assert done.stderr == ""
 
 
 def test_dry_run_shows_the_plan_and_launches_nothing():

@@ -9,7 +9,9 @@
 * the scheduler reports every machine it starts and stops (``started``/``stopped``),
   checks ``over_budget()`` on every heartbeat tick, and logs ``receipt()`` at shutdown.
 
-Machines of the local and ssh providers cost $0 and say so. Must not import boto3
+Machines of the local and ssh providers cost $0: their receipt ("$0, your own machines")
+is logged at DEBUG only, and ``receipt()`` returns "" for them, which this logger drops,
+so a local run stays quiet by default. Must not import boto3
 directly (pricing and the tag query go through ``pricing``/``budget``).
 """
 
@@ -25,6 +27,17 @@ from vmexec.guardrails.budget import find_leftovers, format_usd
 from vmexec.guardrails.pricing import PriceBook
 
 logger = logging.getLogger("vmexec.cost")
+
+
+class _DropEmpty(logging.Filter):
+    """Drops records with an empty message: the receipt of a fleet that cost nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return bool(record.getMessage())
+
+
+# On the logger itself: it applies to every record logged there, before any handler.
+logger.addFilter(_DropEmpty())
 
 
 class CostGuard:
@@ -110,6 +123,18 @@ class CostGuard:
         return self.meter.total()
 
     def receipt(self, provider: Any) -> str:
+        """The shutdown line for the user: what the fleet cost and what was deleted.
+
+        Returns "" for machines that cost nothing (local, ssh): that receipt goes to
+        DEBUG only (nothing was spent, nothing needs a line).
+        """
+        text = self._receipt_text(provider)
+        if self.plan_cost is None and not self.meter.total():
+            logger.debug("%s", text)
+            return ""
+        return text
+
+    def _receipt_text(self, provider: Any) -> str:
         summary = getattr(provider, "teardown_summary", None)
         deleted = getattr(summary, "deleted", None) if summary is not None else None
         remaining = getattr(summary, "remaining", None) if summary is not None else None
