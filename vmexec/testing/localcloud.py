@@ -1843,10 +1843,27 @@ def _repacked(name: str) -> Path:
 
 
 def _build_vmexec(dest: Path) -> Path:
+    """The vmexec wheel the machines install: built from the source checkout this module
+    lives in, else (``pip install vmexec[testing]``) repacked from the installed
+    distribution, as the other distributions are."""
     source = Path(__file__).resolve().parents[2]
     if not (source / "pyproject.toml").exists():
-        raise FakeVMError(f"cannot build vmexec: no pyproject.toml in {source} (the local "
-                          "cloud serves the vmexec of a source checkout)")
+        try:
+            installed = importlib.metadata.distribution("vmexec")
+        except importlib.metadata.PackageNotFoundError:
+            raise FakeVMError(f"cannot serve vmexec to the machines: {source} is neither "
+                              "a source checkout (no pyproject.toml) nor an installed "
+                              "distribution; pip install 'vmexec[testing]'") from None
+        here = Path(__file__).resolve()
+        files = [Path(str(installed.locate_file(f))).resolve() for f in installed.files or ()]
+        if here not in files:
+            raise FakeVMError(f"cannot serve vmexec to the machines: the installed "
+                              f"vmexec {installed.version} is not the one imported from "
+                              f"{source}; reinstall it (pip install 'vmexec[testing]')")
+        cached = _repacked("vmexec")
+        target = dest / cached.name
+        shutil.copyfile(cached, target)
+        return target
     digest = _tree_digest(source)
     with _BUILD_LOCK:
         built = _BUILT.get(digest)
