@@ -236,9 +236,10 @@ def test_a_name_another_owner_uses_is_refused_before_anything_is_launched(
 
     make_provider(2, name="shared", **ONE_REGION).launch(2)
     before = launches(calls)
-    monkeypatch.setattr(resources, "owner", lambda: "bob@elsewhere")
-    with pytest.raises(ConfigError, match=r"belongs to .* not to bob@elsewhere.*another "
-                                          r"name="):
+    bob = "arn:aws:iam::123456789012:user/bob"
+    monkeypatch.setattr(resources, "caller_owner", lambda sts: bob)
+    with pytest.raises(ConfigError, match=r"belongs to .* not to arn:aws:iam::123456789012:"
+                                          r"user/bob.*another name="):
         make_provider(2, name="shared", **ONE_REGION)
     assert launches(calls) == before
 

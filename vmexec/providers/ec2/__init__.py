@@ -85,8 +85,8 @@ from vmexec.providers.ec2.fleet import (
 from vmexec.providers.ec2.network import ClientNetwork, RegionAccess, detect_ssh_cidr, \
     validate_lookup
 from vmexec.providers.ec2 import network as client_network
-from vmexec.providers.ec2.named import NamedFleetState, adopt, check_owner, find_named, \
-    fleet_id_for
+from vmexec.providers.ec2.named import Ledger, NamedFleetState, adopt, check_owner, \
+    find_named, fleet_id_for, trust_recorded
 from vmexec.providers.ec2.images import (
     ImageInfo,
     check_root_volume,
@@ -421,10 +421,15 @@ class EC2Provider(Provider):
         self._named: dict[str, NamedFleetState] = {}
         self._adoptable: list[MachineRecord] = []
         self._unwanted: dict[str, list[str]] = {}
+        # A named fleet's record of the ids this computer launched (with its keys):
+        # only those are adopted, never what merely carries the fleet's tag.
+        self._ledger: Optional[Ledger] = None
         if name:
             self._named = self._per_region(
                 lambda r: find_named(self.clients[r].ec2, r, self.fleet_id))
             check_owner(self._named, name, self.owner)
+            self._ledger = Ledger(named_fleet_directory(self.fleet_id))
+            trust_recorded(self._named, self._ledger, self.owner)
             planned = {(line.region, line.instance_type): self.type_infos[line.instance_type]
                        for line in self.plan.lines}
             slots = {line.instance_type: line.slots_per_machine for line in self.plan.lines}
@@ -602,6 +607,10 @@ class EC2Provider(Provider):
             finally:
                 self._current_launch = None
             records = report.records
+            if self._ledger is not None:
+                for region in sorted({r.region or "" for r in records}):
+                    self._ledger.add(region, instances=[r.id for r in records
+                                                        if r.region == region])
             wanted = sum(wants.values())
             if report.shortfall:
                 # Capacity ran out everywhere: asking again at once would fail the same way.
@@ -628,6 +637,8 @@ class EC2Provider(Provider):
         for region in sorted({r.region or "" for r in taken}):
             ids = [r.id for r in taken if r.region == region]
             resources.tag_resources(self.clients[region].ec2, region, ids, self.client_tag)
+            # The kept group admits this client, and no longer earlier runs' addresses.
+            self._region_setup(region)
         if taken:
             self._remember(taken)
             log.info("fleet %s: reusing %d running machine(s) (%d slots)", self.fleet_id,
@@ -721,6 +732,9 @@ class EC2Provider(Provider):
                 resources.allow_ssh(ec2, region, group_id, access.cidr)
                 if access.source_groups:
                     client_network.allow_groups(ec2, region, group_id, access.source_groups)
+                # Earlier runs' addresses go: only this client's way in stays open.
+                resources.restrict_ingress(ec2, region, group_id, access.cidr,
+                                           access.source_groups or ())
                 for template_id in named.launch_templates:
                     resources.delete_launch_template(ec2, region, template_id)
             else:
@@ -728,6 +742,8 @@ class EC2Provider(Provider):
                 group_id = resources.create_security_group(
                     ec2, region, vpc_id=facts.vpc_id, fleet_id=self.fleet_id,
                     ssh_cidr=access.cidr, tags=self.tags)
+                if self._ledger is not None:
+                    self._ledger.add(region, group=group_id)
                 if access.source_groups:
                     try:
                         client_network.allow_groups(ec2, region, group_id,

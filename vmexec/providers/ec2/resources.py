@@ -63,6 +63,7 @@ __all__ = [
     "create_security_group",
     "create_launch_template",
     "allow_ssh",
+    "restrict_ingress",
     "delete_launch_template",
     "find_resources",
     "find_all",
@@ -236,6 +237,54 @@ def allow_ssh(ec2: Any, region: str, group_id: str, ssh_cidr: str) -> None:
             return
         raise ec2_errors.translate(exc, operation="AuthorizeSecurityGroupIngress",
                                    region=region) from exc
+
+
+def restrict_ingress(ec2: Any, region: str, group_id: str, ssh_cidr: str,
+                     source_groups: Iterable[str] = ()) -> list[str]:
+    """Revoke every inbound rule of ``group_id`` but tcp/22 from ``ssh_cidr`` (and from
+    ``source_groups``): a named fleet's group reused from another address must not stay
+    open to the addresses of earlier runs (a café's, a former employer's).
+
+    Returns:
+        The revoked sources, for the log.
+
+    Raises:
+        VMExecError/ConfigError: the translated AWS error.
+    """
+    wanted = str(ipaddress.ip_network(ssh_cidr, strict=False))
+    keep_groups = set(source_groups)
+    answer = ec2_errors.call("DescribeSecurityGroups", region, ec2.describe_security_groups,
+                             GroupIds=[group_id])
+    stale: list[dict[str, Any]] = []
+    revoked: list[str] = []
+    for group in answer.get("SecurityGroups", []):
+        for rule in group.get("IpPermissions", []):
+            ssh = (rule.get("IpProtocol") == "tcp" and rule.get("FromPort") == 22
+                   and rule.get("ToPort") == 22)
+            base = {k: rule[k] for k in ("IpProtocol", "FromPort", "ToPort") if k in rule}
+            ranges = [r for r in rule.get("IpRanges", [])
+                      if not (ssh and r.get("CidrIp") == wanted)]
+            ranges6 = [r for r in rule.get("Ipv6Ranges", [])
+                       if not (ssh and r.get("CidrIpv6") == wanted)]
+            pairs = [p for p in rule.get("UserIdGroupPairs", [])
+                     if not (ssh and p.get("GroupId") in keep_groups)]
+            lists = {"IpRanges": [{"CidrIp": r["CidrIp"]} for r in ranges],
+                     "Ipv6Ranges": [{"CidrIpv6": r["CidrIpv6"]} for r in ranges6],
+                     "UserIdGroupPairs": [{"GroupId": p["GroupId"]} for p in pairs],
+                     "PrefixListIds": [{"PrefixListId": p["PrefixListId"]}
+                                       for p in rule.get("PrefixListIds", [])]}
+            lists = {k: v for k, v in lists.items() if v}
+            if lists:
+                stale.append({**base, **lists})
+                revoked += [r.get("CidrIp") or r.get("CidrIpv6") or r.get("GroupId")
+                            or r.get("PrefixListId") for v in lists.values() for r in v]
+    if stale:
+        ec2_errors.call("RevokeSecurityGroupIngress", region,
+                        ec2.revoke_security_group_ingress, GroupId=group_id,
+                        IpPermissions=stale)
+        log.info("%s: revoked stale inbound rules of %s: %s", region, group_id,
+                 ", ".join(revoked))
+    return revoked
 
 
 def delete_launch_template(ec2: Any, region: str, template_id: str) -> None:
