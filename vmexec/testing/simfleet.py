@@ -205,6 +205,7 @@ def _serve(config_path: str, workdir: str) -> None:  # pragma: no cover - subpro
     from vmexec import protocol
     from vmexec.protocol import FrameReader, Msg, decode, encode_frame
 
+    _like_openssh(asyncssh)
     with open(config_path, encoding="utf-8") as f:
         raw = json.load(f)
     config = SimConfig(**raw)
@@ -499,6 +500,28 @@ def _serve(config_path: str, workdir: str) -> None:  # pragma: no cover - subpro
             server.close()
 
     asyncio.run(main())
+
+
+def _like_openssh(asyncssh: Any) -> None:  # pragma: no cover - subprocess
+    """Make the simulated machines' SSH servers send what OpenSSH's sshd sends.
+
+    asyncssh puts an empty SSH_MSG_IGNORE packet before every encrypted packet (a
+    countermeasure for CBC ciphers); OpenSSH does not for exec sessions. Left in,
+    every frame from a simulated machine would cost the client two packets where a
+    real machine costs one, and the measured client cost would be the simulator's.
+    """
+    from asyncssh import connection
+    from asyncssh.constants import MSG_IGNORE
+
+    original = connection.SSHConnection.send_packet
+    empty = b"\0\0\0\0"  # String(b"")
+
+    def send_packet(self: Any, pkttype: int, *args: bytes, handler: Any = None) -> None:
+        if pkttype == MSG_IGNORE and args == (empty,):
+            return
+        original(self, pkttype, *args, handler=handler)
+
+    connection.SSHConnection.send_packet = send_packet
 
 
 def _sleep_seconds(call: Any) -> float:

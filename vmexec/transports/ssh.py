@@ -408,7 +408,7 @@ def known_host_keys(known_hosts: Optional[str], host: str, port: int
                     ) -> list[tuple[str, bytes, bool]]:
     """The keys known_hosts holds for ``host:port``: ``(type, public blob, revoked)``."""
     path = os.path.expanduser(known_hosts or DEFAULT_KNOWN_HOSTS)
-    known = _KnownHosts.load(path).lookup(_lookup_name(host, port))
+    known = _KnownHosts.cached(path).lookup(_lookup_name(host, port))
     return [(k.key.get_name(), k.key.asbytes(), k.revoked) for k in known]
 
 
@@ -740,6 +740,35 @@ class _KnownHosts:
 
     def __init__(self, lines: list[tuple[int, list[str], str, _KnownKey]]) -> None:
         self._lines = lines
+        # Lines whose names are all plain (no pattern, negation or hash) are indexed by
+        # name: a fleet's known_hosts has a line per machine, and a scan per connection
+        # would make connecting N machines cost N² matches.
+        self._exact: dict[str, list[tuple[int, _KnownKey]]] = {}
+        self._other: list[tuple[int, list[str], str, _KnownKey]] = []
+        for line in lines:
+            lineno, names, marker, known = line
+            if marker or any(n.startswith(("!", "|")) or "*" in n or "?" in n for n in names):
+                self._other.append(line)
+                continue
+            for name in names:
+                self._exact.setdefault(name.lower(), []).append((lineno, known))
+
+    @classmethod
+    def cached(cls, path: str) -> _KnownHosts:
+        """``load``, reused while the file's size and modification time are unchanged."""
+        try:
+            st = os.stat(path)
+            stamp: tuple[Any, ...] = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = ()
+        with _KNOWN_HOSTS_LOCK:
+            hit = _known_hosts_cache.get(path)
+        if hit is not None and hit[0] == stamp and stamp:
+            return hit[1]
+        loaded = cls.load(path)
+        with _KNOWN_HOSTS_LOCK:
+            _known_hosts_cache[path] = (stamp, loaded)
+        return loaded
 
     @classmethod
     def load(cls, path: str) -> _KnownHosts:
@@ -775,11 +804,15 @@ class _KnownHosts:
         return cls(lines)
 
     def lookup(self, name: str) -> list[_KnownKey]:
-        found = []
-        for _lineno, names, marker, known in self._lines:
+        found = list(self._exact.get(name.lower(), ()))
+        for lineno, names, marker, known in self._other:
             if marker == "@revoked" or _matches(name, names):
-                found.append(known)
-        return found
+                found.append((lineno, known))
+        found.sort(key=lambda entry: entry[0])  # file order, as a full scan gives
+        return [known for _, known in found]
+
+
+_known_hosts_cache: dict[str, tuple[tuple[Any, ...], _KnownHosts]] = {}
 
 
 @functools.lru_cache(maxsize=256)

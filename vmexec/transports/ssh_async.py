@@ -283,10 +283,12 @@ async def open_async_ssh(host: str, port: int, user: str, *, key_filename: Optio
                          retry_refused: bool = True) -> AsyncSSHTransport:
     """Connect to ``user@host:port`` on the I/O loop and run ``command``; a coroutine.
 
-    The whole sequence is bounded by ``timeout``. While the host refuses the TCP
+    Each attempt (TCP connect, key exchange, login, ``exec``) is bounded by
+    ``timeout``, counted once a slot of the connect pool is free: waiting behind a
+    thousand other machines is not the host's fault. While the host refuses the TCP
     connection or drops it before its banner (booting; sshd's ``MaxStartups``), it is
-    retried with exponential backoff and jitter until the deadline, holding no slot
-    of the connect pool while it waits.
+    retried with exponential backoff and jitter for up to ``timeout`` after the first
+    attempt, holding no slot while it waits.
 
     Args: as ``transports.ssh.open_ssh_transport``.
 
@@ -304,21 +306,23 @@ async def open_async_ssh(host: str, port: int, user: str, *, key_filename: Optio
     address = format_address(user, host, port)
     key = _load_client_key(key_filename) if key_filename is not None else None
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
     trusted = [asyncssh.import_public_key(f"{kind} {_b64(blob)}")
                for kind, blob, revoked in known_host_keys(known_hosts, host, port)
                if not revoked and _importable(kind)]
     delay = _BACKOFF_FIRST
     stage = "waiting for a connect slot"
     attempts = 0
+    first_attempt: Optional[float] = None
     while True:
         client = _Client(known_hosts, host, port, user, host_key_policy)
         transport = AsyncSSHTransport(label or address)
         try:
+            # Time spent waiting for a slot is this client's queue, not the host's
+            # slowness: ``timeout`` counts from the first attempt.
             async with _connect_slots():
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise asyncio.TimeoutError()
+                started = loop.time()
+                if first_attempt is None:
+                    first_attempt = started
                 stage = "connecting"
                 attempts += 1
                 conn = await asyncio.wait_for(asyncssh.connect(
@@ -328,13 +332,13 @@ async def open_async_ssh(host: str, port: int, user: str, *, key_filename: Optio
                     agent_path=None if key is not None else (),
                     known_hosts=lambda h, a, p: (trusted, [], []),
                     encryption_algs=_FAST_CIPHERS, compression_algs=None,
-                    keepalive_interval=0, connect_timeout=remaining,
-                    login_timeout=remaining), remaining)
+                    keepalive_interval=0, connect_timeout=timeout,
+                    login_timeout=timeout), timeout)
                 stage = f"starting the command {command!r}"
                 try:
                     chan, _ = await asyncio.wait_for(conn.create_session(
                         lambda: _AgentSession(transport), command, encoding=None),
-                        max(0.001, deadline - loop.time()))
+                        max(0.001, started + timeout - loop.time()))
                 except BaseException:
                     conn.abort()
                     raise
@@ -342,7 +346,8 @@ async def open_async_ssh(host: str, port: int, user: str, *, key_filename: Optio
                 transport._conn, transport._chan = conn, chan
                 return transport
         except (ConnectionRefusedError, ConnectionResetError, asyncssh.ConnectionLost) as exc:
-            if not retry_refused or loop.time() + delay >= deadline:
+            assert first_attempt is not None
+            if not retry_refused or loop.time() + delay - first_attempt >= timeout:
                 raise _translate(exc, address, stage, timeout, client, key_filename,
                                  attempts) from None
         except Exception as exc:
