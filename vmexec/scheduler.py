@@ -93,7 +93,7 @@ _MAX_CONSECUTIVE_FAILURES = 3
 # Micro-batching of map items (chunksize=1): a batch takes about this long to run, so
 # per-task overhead (a message, a result, a frame share) is paid per batch, while
 # batches stay short enough to balance load and keep results flowing.
-_BATCH_SECONDS = 0.005
+_BATCH_SECONDS = 0.02
 _MAX_BATCH = 512
 BATCH = 2  # TASK's ``chunked`` value for a micro-batch (vmexec.agent.worker.BATCH)
 
@@ -136,10 +136,14 @@ class MapCall:
     (``MapItem``), one object, and the items of one call wait on this one condition.
     """
 
-    __slots__ = ("cond",)
+    __slots__ = ("cond", "seconds")
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
+        # Measured run time of one call of this map (None until the first results):
+        # sizes its micro-batches. Per call, not per function: the same function
+        # mapped over other inputs may take another time.
+        self.seconds: Optional[float] = None
 
 
 class MapItem(WorkItem):
@@ -249,10 +253,18 @@ class Machine:
         # Micro-batches in flight: the batch's task id (its first item's) -> item ids.
         self.batches: dict[int, list[int]] = {}
 
-    def window(self) -> int:
+    def window(self, batch: int = 1) -> int:
+        """Items this machine may hold: every slot busy, plus what covers a round trip.
+
+        ``batch``: the micro-batch size of the work being handed out; each slot then
+        needs one batch running and one queued behind it, or it idles for a round
+        trip between batches.
+        """
         if self.avg_task_seconds is None:
-            return 2 * self.slots + 8  # until the first results tell us the task length
+            return self.slots + 2  # until the first results tell us the task length
         extra = 2 * self.slots * self.rtt / max(self.avg_task_seconds, 1e-6)
+        if batch > 1:
+            return 2 * self.slots * batch + min(_MAX_EXTRA_WINDOW, math.ceil(extra))
         return self.slots + max(1, min(_MAX_EXTRA_WINDOW, math.ceil(extra)))
 
     def __repr__(self) -> str:
@@ -326,8 +338,6 @@ class Scheduler:
         self._inbox_thread: Optional[threading.Thread] = None
         self._loop_batch: list[Any] = []  # only touched on the I/O loop
         self._ping_every = max(config.heartbeat_interval, config.watchdog_timeout / 6)
-        # Measured run time per call of each function (by digest), sizing micro-batches.
-        self._item_seconds: dict[bytes, float] = {}
         _live_schedulers.add(self)
 
     # -- public API (called by the executor) ----------------------------------------
@@ -462,21 +472,33 @@ class Scheduler:
                 items.append(item)
                 count -= 1
 
-        # First fill free slots everywhere, so work spreads over machines ...
+        # First fill free slots everywhere, a micro-batch each, so work spreads over
+        # machines ...
+        total_slots = sum(m.slots for m in ready)
+        head = pending[0]
+        per_slot = self._batch_size_locked(head, total_slots) if head.batchable else 1
         for machine in ready:
             free = machine.slots - len(machine.inflight)
             if free > 0:
-                give(machine, free)
+                give(machine, free * per_slot)
                 if not pending:
                     break
         # ... then top up windows with fair shares of what is left, each share at
-        # least one micro-batch of the next item's function.
-        if pending:
-            room = [(m, m.window()) for m in ready]
+        # least one micro-batch of the next item's function. Not while the next item
+        # is from a map whose run time is still unknown: its first calls (one per free
+        # slot) are probes, and the rest waits a round trip to travel in batches.
+        head = pending[0] if pending else None
+        if head is not None and isinstance(head, MapItem) and head._call.seconds is None \
+                and assigned:
+            head = None
+        if head is not None:
+            room = [(m, m.window(per_slot)) for m in ready]
             room = [(m, w) for m, w in room if len(m.inflight) < w]
             while pending and room:
                 head = pending[0]
-                least = self._batch_size_locked(head.digest) if head.batchable else 1
+                if isinstance(head, MapItem) and head._call.seconds is None:
+                    break
+                least = self._batch_size_locked(head, total_slots) if head.batchable else 1
                 share = max(least, math.ceil(len(pending) / len(room)))
                 for machine, window in room:
                     give(machine, min(share, window - len(machine.inflight)))
@@ -502,7 +524,7 @@ class Scheduler:
                         messages.append(self._task_message_locked(machine, batch))
                         batch = []
                     if not batch:
-                        batch_limit = self._batch_size_locked(digest)
+                        batch_limit = self._batch_size_locked(item, total_slots)
                     batch.append(item)
                     continue
                 if batch:
@@ -517,12 +539,21 @@ class Scheduler:
                 to_flush.append(machine)
         return to_flush
 
-    def _batch_size_locked(self, digest: bytes) -> int:
-        """Map items per micro-batch: 1 until this function's run time is measured."""
-        seconds = self._item_seconds.get(digest)
+    def _batch_size_locked(self, item: WorkItem, slots: int) -> int:
+        """Map items per micro-batch: about ``_BATCH_SECONDS`` of measured work.
+
+        1 until the map's first results tell its run time. Smaller when the work left
+        is enough to keep every slot busy for a while: each slot should get at least
+        two batches, or the last batches would leave most of the fleet idle.
+        """
+        seconds = item._call.seconds if isinstance(item, MapItem) else None
         if seconds is None:
             return 1
-        return max(1, min(_MAX_BATCH, int(_BATCH_SECONDS / max(seconds, 1e-7))))
+        size = max(1, min(_MAX_BATCH, int(_BATCH_SECONDS / max(seconds, 1e-7))))
+        balanced = max(1, len(self._pending) // (2 * max(1, slots)))
+        if balanced < size and balanced * seconds >= 0.001:
+            return balanced
+        return size
 
     def _task_message_locked(self, machine: Machine, batch: list[WorkItem]) -> tuple[Any, ...]:
         """The TASK message for one map item, or for a micro-batch of them."""
@@ -602,8 +633,8 @@ class Scheduler:
             # liveness is seen from here without pinging. A ping only when nothing
             # else went its way for a sixth of the watchdog: an idle fleet of 2000
             # then costs one incoming frame per machine per interval, not three.
-            if now - machine.last_sent < self._ping_every:
-                continue
+            if not machine.inflight and now - machine.last_sent < self._ping_every:
+                continue  # busy machines are pinged every interval: their RTT sizes windows
             with self._lock:
                 must_flush = self._enqueue_locked(machine, [(Msg.PING, time.monotonic())])
             if must_flush:
@@ -1096,10 +1127,9 @@ class Scheduler:
             machine.avg_task_seconds = seconds
         else:
             machine.avg_task_seconds = 0.9 * machine.avg_task_seconds + 0.1 * seconds
-        if item.batchable:
-            before = self._item_seconds.get(item.digest)
-            self._item_seconds[item.digest] = seconds if before is None else \
-                0.9 * before + 0.1 * seconds
+        if isinstance(item, MapItem):
+            before = item._call.seconds
+            item._call.seconds = seconds if before is None else 0.8 * before + 0.2 * seconds
         try:
             value = pickle.loads(payload)
         except BaseException as exc:
