@@ -66,6 +66,8 @@ __all__ = [
     "repack_installed",
     "install_script",
     "bootstrap_script",
+    "stdin_command",
+    "redact_urls",
     "default_cache_dir",
 ]
 
@@ -344,6 +346,18 @@ def _q(value: str) -> str:
     return shlex.quote(value)
 
 
+#: ``vx_get url file``: download without the URL on any command line (``ps`` shows every
+#: process's arguments to every user): it reaches curl (``-K -``) or Python on stdin.
+#: Inserted into the templates below as a value (its braces are not doubled).
+VX_GET = r"""vx_get() {  # url file
+  if command -v curl >/dev/null 2>&1; then
+    printf 'url = "%s"\n' "$1" | curl -fsS --retry 5 --retry-delay 1 --connect-timeout 20 -o "$2" -K -
+  else
+    printf '%s' "$1" | python3 -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.stdin.read(), sys.argv[1])' "$2"
+  fi
+}
+"""
+
 # Shared by every architecture's install. Values in {braces} are filled in (shell-quoted);
 # literal braces are doubled. `fail` is the boot script's (it records the reason for the
 # client); standalone, vx_die reports and exits.
@@ -356,14 +370,7 @@ mkdir -p "$vx_art" "$UV_CACHE_DIR"
 vx_log() {{ echo "[vmexec-env $(date -u +%H:%M:%S)] $*"; }}
 vx_die() {{ if declare -F fail >/dev/null; then fail "$*"; fi; vx_log "FAILED: $*"; exit 1; }}
 vx_sha() {{ sha256sum "$1" 2>/dev/null | cut -d' ' -f1; }}
-vx_get() {{  # url file
-  if command -v curl >/dev/null 2>&1; then
-    curl -fsS --retry 5 --retry-delay 1 --connect-timeout 20 -o "$2" "$1"
-  else
-    python3 -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' "$1" "$2"
-  fi
-}}
-vx_fetch() {{  # source name sha256
+{vx_get}vx_fetch() {{  # source name sha256
   local dest="$vx_art/$2"
   if [ -f "$dest" ] && [ "$(vx_sha "$dest")" = "$3" ]; then return 0; fi
   case "$1" in
@@ -408,7 +415,8 @@ vx_build() {{  # sdist-file built-url put-url
     "$vx_uv" build --wheel --python "$vx_venv/bin/python" {uv_index} --out-dir "$out" \
       "$vx_art/$1" || vx_die "building $1 for $vx_arch failed (compiled extensions need a compiler and Python headers on the image: ami=)"
     if [ -n "$3" ] && command -v curl >/dev/null 2>&1; then
-      tar -cf "$out.tar" -C "$out" . && curl -fsS -X PUT --upload-file "$out.tar" "$3" \
+      tar -cf "$out.tar" -C "$out" . && printf 'url = "%s"\n' "$3" \
+        | curl -fsS -X PUT --upload-file "$out.tar" -K - \
         || vx_log "could not share the $vx_arch build of $1 (other machines build it too)"
     fi
   fi
@@ -574,7 +582,8 @@ def install_script(prepared: Union["PreparedEnvironment", EnvSpec],
                              token_short=token[:16], mode=spec.mode,
                              pip_index=uv_index, uv_index=uv_index, major=major,
                              minor=minor, minor_version=spec.python_minor,
-                             check=_q(f"import {names}"), check_names=names)]
+                             check=_q(f"import {names}"), check_names=names,
+                             vx_get=VX_GET)]
     cases = []
     for target in archs:
         has_lock = any(a.kind == "lock" and a.arch in (None, target) for a in artifacts)
@@ -596,12 +605,8 @@ _BOOTSTRAP = r"""# vmexec environment: fetch the staged install script, check it
 vx_boot="${{VMEXEC_ROOT:-}}/opt/vmexec/artifacts"
 vx_boot_die() {{ if declare -F fail >/dev/null; then fail "$*"; fi; echo "$*" >&2; exit 1; }}
 mkdir -p "$vx_boot" || vx_boot_die "cannot create $vx_boot"
-if command -v curl >/dev/null 2>&1; then
-  curl -fsS --retry 5 --retry-delay 1 --connect-timeout 20 -o "$vx_boot/{name}" {url}
-else
-  python3 -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' \
-    {url} "$vx_boot/{name}"
-fi || vx_boot_die "cannot download the environment's install script (staged in S3)"
+{vx_get}vx_get {url} "$vx_boot/{name}" \
+  || vx_boot_die "cannot download the environment's install script (staged in S3)"
 [ "$(sha256sum "$vx_boot/{name}" | cut -d' ' -f1)" = {sha256} ] \
   || vx_boot_die "the environment's install script is corrupted (sha256 mismatch)"
 . "$vx_boot/{name}"
@@ -625,7 +630,37 @@ def bootstrap_script(script: Artifact) -> str:
     if not script.url:
         raise EnvSyncError("bootstrap_script needs a staged script (stage.stage_script)")
     return _BOOTSTRAP.format(name=_q(script.name), url=_q(script.url),
-                             sha256=script.sha256)
+                             sha256=script.sha256, vx_get=VX_GET)
+
+
+_PRESIGNED_QUERY = re.compile(r"(https?://[^\s'\"?]+)\?[^\s'\"]*")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with the query of every http(s) URL replaced by ``?<redacted>``.
+
+    A presigned URL's query is its credential (signature, access key id, session
+    token): it must not reach logs or error messages.
+    """
+    return _PRESIGNED_QUERY.sub(r"\1?<redacted>", text)
+
+
+def stdin_command(script: str) -> tuple[str, bytes]:
+    """Run ``script`` (bash) on a machine without putting it on a command line.
+
+    A command line is world-readable (``ps``, ``/proc/*/cmdline``) and lands in debug
+    logs; the install script carries presigned URLs. The returned command reads exactly
+    the script's bytes from its stdin into a private temporary file (mode 0600, removed
+    on exit) and runs it with bash; the caller writes the returned bytes to the
+    command's stdin.
+
+    Returns:
+        ``(command, stdin bytes)``.
+    """
+    payload = script.encode("utf-8")
+    inner = (f'vx_f=$(mktemp) || exit 1; trap \'rm -f "$vx_f"\' EXIT; '
+             f'head -c {len(payload)} >"$vx_f" && bash "$vx_f"')
+    return f"sh -c {_q(inner)}", payload
 
 
 # --- everything at once ------------------------------------------------------------------

@@ -52,7 +52,6 @@ import math
 import os
 import re
 import secrets
-import shlex
 import signal
 import socket
 import sys
@@ -68,6 +67,7 @@ from botocore.exceptions import ClientError, InvalidRegionError
 
 from vmexec import retry
 from vmexec.environment import PreparedEnvironment, prepare_environment
+from vmexec.environment.install import redact_urls, stdin_command
 from vmexec.environment.stage import delete_staging, stage_artifacts
 from vmexec.errors import CapacityError, ConfigError, EnvSyncError, QuotaError, TransportError
 from vmexec.guardrails.pricing import PriceBook
@@ -915,12 +915,21 @@ class EC2Provider(Provider):
         does not grow with the number of machines.
         """
         script = self._install_script(record.region or "")
+        # The script (presigned URLs) goes on stdin: a command line is world-readable
+        # on the machine (ps) and appears in debug logs.
+        runner, payload = stdin_command(script)
         command = keep_active_command(
             "PY=$(cat \"${VMEXEC_ROOT:-}/var/lib/vmexec/python\" 2>/dev/null); "
-            f"export PY; bash -c {shlex.quote(script)} 2>&1 && echo {_INSTALLED}")
-        output = _read_all(ssh(command, 60.0), max(60.0, seconds))
+            f"export PY; {runner} 2>&1 && echo {_INSTALLED}")
+        transport = ssh(command, 60.0)
+        try:
+            transport.write(payload)
+        except TransportError:
+            pass  # _read_all reports what the machine said
+        output = _read_all(transport, max(60.0, seconds))
         if _INSTALLED not in output:
-            raise _BootFailed(f"installing the environment failed:\n{output[-1500:]}")
+            raise _BootFailed("installing the environment failed:\n"
+                              + redact_urls(output[-1500:]))
 
     def agent_options(self, record: MachineRecord) -> dict[str, object]:
         """Tell the agent where spot interruption notices appear, and how to power off.
