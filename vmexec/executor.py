@@ -204,9 +204,9 @@ class VMExecutor(Executor):
                 else:
                     data = pickling.dumps_chunk(call)
             except pickle.PicklingError as exc:
-                future: Future[Any] = Future()
-                future.set_exception(exc)
-                futures.append(future)
+                failed: Future[Any] = Future()
+                failed.set_exception(exc)
+                futures.append(failed)
                 continue
             if chunksize == 1:
                 # Its own future: one object per item (see MapCall), and it may travel
@@ -214,9 +214,9 @@ class VMExecutor(Executor):
                 item: WorkItem = MapItem(shared, digest, fn_bytes, data, label)
                 futures.append(item)  # type: ignore[arg-type]
             else:
-                future = Future()
-                futures.append(future)
-                item = WorkItem(future, digest, fn_bytes, data, True, label)
+                chunk_future: Future[Any] = Future()
+                futures.append(chunk_future)
+                item = WorkItem(chunk_future, digest, fn_bytes, data, True, label)
             batch.append(item)
             if len(batch) >= _MAP_SUBMIT_SLICE:
                 self._scheduler.submit(batch)

@@ -31,10 +31,27 @@ import pickle
 import platform
 import struct
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmexec._version import __version__
-from vmexec.errors import ProtocolError, VersionMismatch
+
+if TYPE_CHECKING:
+    from vmexec.errors import ProtocolError, VersionMismatch
+
+
+def _errors() -> Any:
+    # vmexec.errors subclasses BrokenProcessPool, whose module imports multiprocessing
+    # (~40 ms). Every machine's agent imports this module at start and needs the error
+    # classes only to raise them: imported then, not at start.
+    from vmexec import errors
+
+    return errors
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("ProtocolError", "VersionMismatch"):
+        return getattr(_errors(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # 2: TASK's last field may be 2, a micro-batch of separate calls (agent/worker.py).
 PROTOCOL_VERSION = 2
@@ -106,7 +123,7 @@ class FrameReader:
         while end - pos >= 4:
             (length,) = _HEADER.unpack_from(buf, pos)
             if length > MAX_FRAME_BYTES:
-                raise ProtocolError(
+                raise _errors().ProtocolError(
                     f"frame of {length} bytes announced: the stream is corrupt or the far "
                     "end is not a vmexec agent"
                 )
@@ -127,7 +144,7 @@ def decode(payload: bytes) -> Any:
     try:
         return pickle.loads(payload)
     except Exception as exc:  # a corrupted stream must not kill the reader silently
-        raise ProtocolError(f"undecodable frame ({len(payload)} bytes): {exc!r}") from exc
+        raise _errors().ProtocolError(f"undecodable frame ({len(payload)} bytes): {exc!r}") from exc
 
 
 # Where vmexec.environment's install script records the environment it installed
@@ -172,7 +189,7 @@ def check_compatible(mine: dict[str, Any], theirs: dict[str, Any], where: str) -
         VersionMismatch: protocol version, Python implementation or minor version differ.
     """
     if theirs.get("protocol") != mine["protocol"]:
-        raise VersionMismatch(
+        raise _errors().VersionMismatch(
             f"{where} speaks vmexec protocol {theirs.get('protocol')!r} (vmexec "
             f"{theirs.get('vmexec')}), this client speaks {mine['protocol']} (vmexec "
             f"{mine['vmexec']}): install the same vmexec version on both ends"
@@ -180,7 +197,7 @@ def check_compatible(mine: dict[str, Any], theirs: dict[str, Any], where: str) -
     mine_py = tuple(mine["python"][:2])
     their_py = tuple(theirs.get("python", (0, 0))[:2])
     if mine_py != their_py or theirs.get("implementation") != mine["implementation"]:
-        raise VersionMismatch(
+        raise _errors().VersionMismatch(
             f"{where} runs {theirs.get('implementation')} "
             f"{'.'.join(map(str, their_py))} ({theirs.get('executable')}) but this client "
             f"runs {mine['implementation']} {'.'.join(map(str, mine_py))}: pickled code "

@@ -487,11 +487,11 @@ class Scheduler:
         # least one micro-batch of the next item's function. Not while the next item
         # is from a map whose run time is still unknown: its first calls (one per free
         # slot) are probes, and the rest waits a round trip to travel in batches.
-        head = pending[0] if pending else None
-        if head is not None and isinstance(head, MapItem) and head._call.seconds is None \
+        top_up = bool(pending)
+        if top_up and isinstance(pending[0], MapItem) and pending[0]._call.seconds is None \
                 and assigned:
-            head = None
-        if head is not None:
+            top_up = False
+        if top_up:
             room = [(m, m.window(per_slot)) for m in ready]
             room = [(m, w) for m, w in room if len(m.inflight) < w]
             while pending and room:
@@ -1009,7 +1009,7 @@ class Scheduler:
 
     # -- reading results ------------------------------------------------------------
     def _handle(self, machine: Machine, messages: list[Any]) -> None:
-        finished: list[tuple[WorkItem, tuple[Any, ...]]] = []
+        finished: list[tuple[None, tuple[Any, ...]]] = []
         lost: list[tuple[int, str]] = []
         for message in messages:
             kind = message[0]
@@ -1017,7 +1017,7 @@ class Scheduler:
                 if message[1] in machine.batches:
                     finished.extend(self._unbatch_result(machine, message))
                 else:
-                    finished.append((None, message))  # type: ignore[arg-type]
+                    finished.append((None, message))
             elif kind == Msg.LOST:
                 for task_id in machine.batches.pop(message[1], None) or (message[1],):
                     lost.append((task_id, message[2]))

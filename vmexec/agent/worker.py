@@ -28,7 +28,6 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from vmexec.errors import DeserializationError
 from vmexec.protocol import FrameReader, Msg, decode, encode_frame
 
 # A result shorter than this is held back while more tasks of the same batch are
@@ -195,6 +194,8 @@ def _unpickle(data: bytes, what: str) -> Any:
     try:
         return cloudpickle.loads(data)
     except BaseException as exc:
+        from vmexec.errors import DeserializationError  # not at start: see protocol._errors
+
         raise DeserializationError(
             f"the task's {what} could not be unpickled on the machine: {exc!r}. Every "
             "module the function and its arguments need must be importable there, and "

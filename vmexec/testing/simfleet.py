@@ -521,7 +521,7 @@ def _like_openssh(asyncssh: Any) -> None:  # pragma: no cover - subprocess
             return
         original(self, pkttype, *args, handler=handler)
 
-    connection.SSHConnection.send_packet = send_packet
+    connection.SSHConnection.send_packet = send_packet  # type: ignore[method-assign]
 
 
 def _sleep_seconds(call: Any) -> float:
