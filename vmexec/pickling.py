@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional
 import cloudpickle
 
 from vmexec.agent import namespaces
+from vmexec.protocol import PICKLE_PROTOCOL, is_plain
 
 _lock = threading.Lock()
 _checked_modules: set[str] = set()
@@ -318,45 +319,15 @@ def dumps_callable(fn: Callable[..., Any]) -> tuple[bytes, bytes]:
     return digest, data
 
 
-# Arguments made only of these (in tuples, lists and dicts, a few levels deep) pickle
-# the same with the standard pickler, which costs ~0.5 µs against cloudpickle's ~3.5 µs
-# for a Pickler object per call: on map(f, range(n)) that is most of the client's cost.
-_PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
-_PLAIN_MAX_ITEMS = 64
-
-
-def _plain(obj: Any, depth: int = 0) -> bool:
-    kind = type(obj)
-    if kind in _PLAIN_TYPES:
-        return True
-    if depth >= 3:
-        return False
-    if kind is tuple or kind is list:
-        if len(obj) > _PLAIN_MAX_ITEMS:
-            return False
-        for item in obj:  # a loop, not all(genexpr): this runs once per map item
-            if type(item) not in _PLAIN_TYPES and not _plain(item, depth + 1):
-                return False
-        return True
-    if kind is dict:
-        if len(obj) > _PLAIN_MAX_ITEMS:
-            return False
-        for key, value in obj.items():
-            if type(key) is not str or not _plain(value, depth + 1):
-                return False
-        return True
-    return False
-
-
 def dumps_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """Pickle one call's arguments.
 
     Raises:
         pickle.PicklingError: naming the argument that cannot be pickled.
     """
-    if _plain(args) and (not kwargs or _plain(kwargs)):
-        return pickle.dumps((args, kwargs), pickle.HIGHEST_PROTOCOL if
-                            pickle.HIGHEST_PROTOCOL < 5 else 5)
+    if is_plain(args) and (not kwargs or is_plain(kwargs)):
+        # Builtin data: the standard pickler, ~7x cheaper than a cloudpickle Pickler.
+        return pickle.dumps((args, kwargs), PICKLE_PROTOCOL)
     try:
         return dumps((args, kwargs))
     except Exception as exc:

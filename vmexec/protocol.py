@@ -31,7 +31,7 @@ import pickle
 import platform
 import struct
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from vmexec._version import __version__
 
@@ -89,6 +89,44 @@ class Msg:
     # worker -> agent only
     INIT_FAILED = 20  # (INIT_FAILED, traceback_text)
     READY = 21  # (READY, pid)
+
+
+# Values made only of these (in tuples, lists and dicts, a few levels deep) pickle the
+# same with the standard pickler, at ~0.5 µs against cloudpickle's ~3.5 µs (it builds a
+# Pickler object per call): per map item, on the client and on the worker.
+_PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
+_PLAIN_MAX_ITEMS = 64
+
+
+def is_plain(obj: Any, depth: int = 0) -> bool:
+    """True when ``obj`` is builtin data that plain ``pickle`` handles like cloudpickle."""
+    kind = type(obj)
+    if kind in _PLAIN_TYPES:
+        return True
+    if depth >= 3:
+        return False
+    if kind is tuple or kind is list:
+        if len(obj) > _PLAIN_MAX_ITEMS:
+            return False
+        for item in obj:  # a loop, not all(genexpr): this runs once per map item
+            if type(item) not in _PLAIN_TYPES and not is_plain(item, depth + 1):
+                return False
+        return True
+    if kind is dict:
+        if len(obj) > _PLAIN_MAX_ITEMS:
+            return False
+        for key, value in obj.items():
+            if type(key) is not str or not is_plain(value, depth + 1):
+                return False
+        return True
+    return False
+
+
+def dumps_value(obj: Any, general: Callable[[Any], bytes]) -> bytes:
+    """Pickle ``obj``: the standard pickler for plain data, else ``general`` (cloudpickle)."""
+    if is_plain(obj):
+        return pickle.dumps(obj, _PICKLE_PROTOCOL)
+    return general(obj)
 
 
 def encode_frame(messages: list[Any]) -> bytes:

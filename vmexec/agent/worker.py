@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from vmexec.protocol import FrameReader, Msg, decode, encode_frame
+from vmexec.protocol import FrameReader, Msg, decode, dumps_value, encode_frame
 
 # A result shorter than this is held back while more tasks of the same batch are
 # waiting, so that a burst of trivial tasks goes back in one frame instead of one
@@ -154,7 +154,7 @@ def run_worker(
             try:
                 fn, call = _unpickle_task(funcs, digest, args_bytes)
                 value = _call(fn, call, chunked)
-                payload_out = cloudpickle.dumps(value)
+                payload_out = dumps_value(value, cloudpickle.dumps)
                 ok = True
             except BaseException as exc:
                 payload_out = _describe_exception(exc)
@@ -226,6 +226,7 @@ def _call_one(fn: Callable[..., Any], item_id: int, data: bytes
     try:
         args, kwargs = _unpickle(data, "arguments")
         value = fn(*args, **kwargs)
-        return item_id, True, cloudpickle.dumps(value), time.perf_counter() - started
+        return (item_id, True, dumps_value(value, cloudpickle.dumps),
+                time.perf_counter() - started)
     except BaseException as exc:  # the call's own outcome, as for a task sent alone
         return item_id, False, _describe_exception(exc), time.perf_counter() - started
