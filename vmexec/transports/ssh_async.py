@@ -23,6 +23,7 @@ Must not import: providers, scheduler, executor, protocol.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import random
@@ -71,7 +72,29 @@ def _connect_slots() -> asyncio.Semaphore:
     global _semaphore
     if _semaphore is None:  # created on the loop, where it is used
         _semaphore = asyncio.Semaphore(CONNECT_CONCURRENCY)
+        _raise_open_file_limit()
     return _semaphore
+
+
+def _raise_open_file_limit() -> None:
+    """Lift the soft limit on open files to the hard one (at most 65536).
+
+    Each machine holds one socket. macOS starts processes at 256 open files and many
+    Linux desktops at 1024: a fleet of 2000 would fail at machine 1000 with EMFILE
+    although the hard limit allows far more.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            log.debug("raised the open-file limit from %d to %d", soft, wanted)
+    except (ValueError, OSError) as exc:
+        log.debug("could not raise the open-file limit: %s", exc)
 
 
 def _quiet_asyncssh_log() -> None:
@@ -433,6 +456,11 @@ def _translate(exc: BaseException, where: str, stage: str, timeout: float, clien
             f"{where} closed the connection while {stage}{retried} ({_describe(exc)}): "
             "check the host's sshd log (journalctl -u ssh), its MaxStartups and AllowUsers "
             "settings")
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+        return TransportError(
+            f"cannot connect to {where}: this process has too many open files ({exc}); "
+            "each machine needs one. Raise the limit (`ulimit -n 65536`, or the hard "
+            "limit in /etc/security/limits.conf) or use fewer machines")
     if isinstance(exc, OSError):
         return TransportError(f"cannot connect to {where} while {stage}: {exc}")
     return TransportError(f"unexpected error {stage} ({where}): {_describe(exc)}")
