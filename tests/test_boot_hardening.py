@@ -8,6 +8,7 @@ They must live in a directory only root can write.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -67,3 +68,81 @@ def test_root_scripts_live_outside_the_login_users_directory(tmp_path: Path) -> 
         # The poller stops by itself once the notice file exists.
         (root / NOTICE_FILE).write_text("{}")
         keys.remove()
+
+
+# --- the uv bootstrap: pinned by version and checksum (issue 12, item 8) ------------------
+
+def _fake_uv_wheel(folder: Path, version: str, payload: str) -> Path:
+    """A wheel named like uv's that installs a ``uv`` script (no network needed)."""
+    import zipfile
+
+    folder.mkdir(exist_ok=True)
+    path = folder / f"uv-{version}-py3-none-any.whl"
+    info = f"uv-{version}.dist-info"
+    files = {
+        f"uv-{version}.data/scripts/uv": f"#!/bin/sh\necho {payload}\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: uv\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                         "Tag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as wheel:
+        for name, text in files.items():
+            wheel.writestr(name, text)
+    return path
+
+
+def _run_uv_bootstrap(tmp_path: Path, links: Path) -> subprocess.CompletedProcess[str]:
+    """The install script's prelude (which installs uv when the image has none), as a
+    machine runs it: uv is not on PATH."""
+    from vmexec.environment import install
+
+    words = f"--no-index --find-links {links}"
+    prelude = install._COMMON.format(
+        token="t", base="b", token_short="t", mode="requirements", pip_index=words,
+        uv_index=words, major=3, minor=11, minor_version="3.11", check="''", check_names="",
+        vx_get=install.VX_GET, uv_version=install.uv_version(),
+        uv_locks=install._uv_lock_cases(["x86_64", "aarch64"], "3.11", None, [str(links)]))
+    tmp_path.mkdir(exist_ok=True)
+    script = tmp_path / "prelude.sh"
+    script.write_text(prelude + 'vx_log "uv is $vx_uv: $(sh "$vx_uv")"\n')
+    path = ":".join(p for p in os.environ["PATH"].split(":")
+                    if not os.path.exists(os.path.join(p, "uv")))
+    env = {**os.environ, "PATH": path, "VMEXEC_ROOT": str(tmp_path / "machine")}
+    return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_uv_is_installed_only_with_the_resolved_checksum(tmp_path: Path) -> None:
+    from vmexec.environment import install
+
+    install._UV_LOCKS.clear()
+    version = install.uv_version()
+    links = tmp_path / "links"
+    wheel = _fake_uv_wheel(links, version, "genuine")
+    lock = install.uv_bootstrap_requirements("x86_64", "3.11", None, [str(links)])
+    assert lock is not None and f"uv=={version}" in lock
+    assert hashlib.sha256(wheel.read_bytes()).hexdigest() in lock
+
+    done = _run_uv_bootstrap(tmp_path / "good", links)
+    assert f"installing uv {version} (hash-checked)" in done.stdout, done.stdout + done.stderr
+    assert "uv is " in done.stdout and "genuine" in done.stdout
+
+    # The index now serves other bytes under the same name and version.
+    _fake_uv_wheel(links, version, "tampered")
+    done = _run_uv_bootstrap(tmp_path / "bad", links)
+    assert done.returncode != 0
+    assert f"cannot install uv {version} with a matching sha256" in done.stdout
+    assert "tampered" not in done.stdout
+
+
+def test_no_checksummed_uv_fails_clearly(tmp_path: Path) -> None:
+    from vmexec.environment import install
+
+    install._UV_LOCKS.clear()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = _run_uv_bootstrap(tmp_path, empty)
+    assert done.returncode != 0
+    assert "no uv on the image, and no checksummed uv" in done.stdout
+    assert "use an image with uv on PATH (ami=)" in done.stdout

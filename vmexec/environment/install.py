@@ -46,7 +46,7 @@ import tempfile
 import zipfile
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
-from vmexec.environment.capture import IGNORED_DIRS, resolve_environment
+from vmexec.environment.capture import IGNORED_DIRS, GitIgnore, resolve_environment
 from vmexec.environment.preflight import Resolution, find_uv, normalize_arch, preflight
 from vmexec.environment.spec import (
     Artifact,
@@ -195,9 +195,22 @@ def repack_installed(name: str, dest: str) -> str:
 def _copy_project(source: str, dest: str) -> str:
     # Build from a copy: setuptools writes build/ and *.egg-info into the tree it
     # builds, and the user (or other processes) work in that tree at the same time.
+    # Dotfiles (.env, .netrc) and what .gitignore names are not source: they must not
+    # reach a build that goes to the machines.
     tree = os.path.join(dest, os.path.basename(os.path.abspath(source)) or "project")
-    shutil.copytree(source, tree, symlinks=True, ignore=shutil.ignore_patterns(
-        *IGNORED_DIRS, "*.egg-info", "*.pyc"))
+    rules = GitIgnore(source)
+    by_pattern = shutil.ignore_patterns(*IGNORED_DIRS, "*.egg-info", "*.pyc")
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        rules.load(folder)
+        skipped = set(by_pattern(folder, names))
+        for name in names:
+            path = os.path.join(folder, name)
+            if name.startswith(".") or rules.ignored(path, os.path.isdir(path)):
+                skipped.add(name)
+        return skipped
+
+    shutil.copytree(source, tree, symlinks=True, ignore=ignore)
     return tree
 
 
@@ -384,10 +397,18 @@ vx_sha() {{ sha256sum "$1" 2>/dev/null | cut -d' ' -f1; }}
 vx_uv=$(command -v uv 2>/dev/null || true)
 if [ -z "$vx_uv" ] && [ -x "$vx_dir/uv/bin/uv" ]; then vx_uv="$vx_dir/uv/bin/uv"; fi
 if [ -z "$vx_uv" ]; then
-  vx_log "installing uv"
-  {{ python3 -m venv "$vx_dir/uv" && "$vx_dir/uv/bin/python" -m pip install -q {pip_index} uv; }} \
-    || python3 -m pip install -q --target "$vx_dir/uv" {pip_index} uv \
-    || vx_die "no uv on the image and pip cannot install it: check index_url=/find_links="
+  # uv {uv_version} exactly, and only a wheel whose sha256 the client resolved for this
+  # architecture (pip --require-hashes): never whatever the index serves that day.
+  vx_uv_lock() {{
+    case "$(uname -m)" in
+{uv_locks}
+    esac
+  }}
+  vx_uv_lock >"$vx_dir/uv-requirements.txt"
+  [ -s "$vx_dir/uv-requirements.txt" ] || vx_die "no uv on the image, and no checksummed uv {uv_version} for $(uname -m) (the client could not resolve uv=={uv_version} with hashes from its package index): use an image with uv on PATH (ami=), or serve uv=={uv_version} wheels through index_url=/find_links="
+  vx_log "installing uv {uv_version} (hash-checked)"
+  {{ python3 -m venv "$vx_dir/uv" && "$vx_dir/uv/bin/python" -m pip install -q --require-hashes --only-binary :all: {pip_index} -r "$vx_dir/uv-requirements.txt"; }} \
+    || vx_die "cannot install uv {uv_version} with a matching sha256 (see the log): check index_url=/find_links="
   vx_uv="$vx_dir/uv/bin/uv"
 fi
 vx_python() {{
@@ -458,6 +479,72 @@ else
   esac
 fi
 """
+
+
+def uv_version() -> str:
+    """The uv version machines install when their image has none: this computer's
+    (``uv`` distribution), else ``UV_FALLBACK_VERSION``."""
+    try:
+        return importlib.metadata.version("uv")
+    except importlib.metadata.PackageNotFoundError:
+        return UV_FALLBACK_VERSION
+
+
+#: The uv pinned for machines when this computer has no ``uv`` distribution.
+UV_FALLBACK_VERSION = "0.13.9"
+
+_UV_LOCKS: dict[tuple[str, str, Optional[str], tuple[str, ...]], Optional[str]] = {}
+_UV_LOCK_TIMEOUT = 120.0
+
+
+def uv_bootstrap_requirements(arch: str, python: str, index_url: Optional[str],
+                              find_links: Sequence[str]) -> Optional[str]:
+    """``uv==<version> --hash=sha256:...`` lines for ``arch``, resolved here with the
+    machines' index options (``uv pip compile --generate-hashes``); None when the index
+    has no uv wheel of that version for the arch (machines then need uv on the image).
+    Cached per process."""
+    key = (normalize_arch(arch), python, index_url, tuple(find_links))
+    if key in _UV_LOCKS:
+        return _UV_LOCKS[key]
+    version = uv_version()
+    words = []
+    if index_url:
+        words += ["--index-url", index_url]
+    elif find_links:
+        words.append("--no-index")
+    for link in find_links:
+        words += ["--find-links", link]
+    lock: Optional[str] = None
+    try:
+        result = subprocess.run(
+            [find_uv(), "pip", "compile", "-", "--python-platform",
+             f"{key[0]}-manylinux_2_28", "--python-version", python, "--only-binary", ":all:",
+             "--generate-hashes", *words, "--no-header", "--no-annotate", "--quiet"],
+            input=f"uv=={version}\n", capture_output=True, text=True,
+            timeout=_UV_LOCK_TIMEOUT, env={**os.environ, "UV_NO_PROGRESS": "1"})
+        if result.returncode == 0 and "--hash=sha256:" in result.stdout:
+            lock = result.stdout
+        else:
+            log.info("no checksummed uv %s for %s machines (%s): machines of that "
+                     "architecture need uv on their image", version, key[0],
+                     (result.stderr.strip().splitlines() or ["no hashes"])[-1])
+    except (EnvSyncError, OSError, subprocess.TimeoutExpired) as exc:
+        log.info("cannot resolve uv %s for %s machines here (%s): machines of that "
+                 "architecture need uv on their image", version, key[0], exc)
+    _UV_LOCKS[key] = lock
+    return lock
+
+
+def _uv_lock_cases(archs: Sequence[str], python: str, index_url: Optional[str],
+                   find_links: Sequence[str]) -> str:
+    """The ``case`` branches of the script's ``vx_uv_lock``: per arch, its hashed pin."""
+    aliases = {"x86_64": "x86_64|amd64", "aarch64": "aarch64|arm64"}
+    cases = []
+    for arch in archs:
+        lock = uv_bootstrap_requirements(arch, python, index_url, find_links)
+        if lock:
+            cases.append(f"      {aliases.get(arch, arch)}) printf '%s\\n' {_q(lock.strip())};;")
+    return "\n".join(cases) or "      *) ;;"
 
 
 def _index_words(index_url: Optional[str], find_links: Sequence[str]) -> str:
@@ -583,7 +670,9 @@ def install_script(prepared: Union["PreparedEnvironment", EnvSpec],
                              pip_index=uv_index, uv_index=uv_index, major=major,
                              minor=minor, minor_version=spec.python_minor,
                              check=_q(f"import {names}"), check_names=names,
-                             vx_get=VX_GET)]
+                             vx_get=VX_GET, uv_version=uv_version(),
+                             uv_locks=_uv_lock_cases(archs, spec.python, index_url,
+                                                     links))]
     cases = []
     for target in archs:
         has_lock = any(a.kind == "lock" and a.arch in (None, target) for a in artifacts)

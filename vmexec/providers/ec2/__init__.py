@@ -229,7 +229,7 @@ class EC2Provider(Provider):
         address_for: ``record -> (host, port)`` to SSH to (testing seam).
         boot_env: extra environment exported at the top of the boot script (testing seam;
             readable on the machine: no secrets).
-        handle_signals: install SIGINT/SIGTERM handlers that tear the fleet down.
+        handle_signals: install SIGINT/SIGTERM/SIGHUP handlers that tear the fleet down.
 
     Raises:
         ConfigError: any option is wrong, a region/type/image is unknown or unavailable, or
@@ -1180,7 +1180,10 @@ def _register(provider: EC2Provider, handle_signals: bool) -> None:
         log.debug("not installing signal handlers (handle_signals=%s, thread %s)",
                   handle_signals, threading.current_thread().name)
         return
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too: a closed terminal or a dropped SSH session to the client's computer
+    # must not leave the fleet running until the machines notice.
+    hangup = getattr(signal, "SIGHUP", None)  # POSIX only
+    for signum in (signal.SIGINT, signal.SIGTERM) + ((hangup,) if hangup else ()):
         previous = signal.getsignal(signum)
         if previous is signal.SIG_IGN or previous is None:
             continue  # ignored on purpose, or owned by non-Python code: leave it

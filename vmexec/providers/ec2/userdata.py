@@ -430,14 +430,13 @@ if [ -z "$PY" ] && command -v apt-get >/dev/null 2>&1; then
   apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
     python{python} python{python}-venv && PY=$(command -v python{python})
 fi
-if [ -z "$PY" ]; then
-  step "installing Python {python} with uv"
-  export PATH="$HOME_DIR/.local/bin:/root/.local/bin:$PATH"
-  command -v uv >/dev/null 2>&1 || python3 -m pip install --user {pip_options} uv \
-    || (command -v curl >/dev/null 2>&1 && curl -LsSf https://astral.sh/uv/install.sh | sh)
+# Only a uv the image already has: nothing unpinned or unchecked is downloaded and run
+# as root here (no download piped into a shell).
+if [ -z "$PY" ] && command -v uv >/dev/null 2>&1; then
+  step "installing Python {python} with the image's uv"
   uv python install {python} && PY=$(uv python find {python})
 fi
-[ -n "$PY" ] || fail "no Python {python} (tried python{python}, dnf, apt-get, uv): use an image that has it (ami=)"
+[ -n "$PY" ] || fail "no Python {python} (tried python{python}, dnf, apt-get, the image's uv): use an image that has it (ami=)"
 step "using $PY ($($PY --version 2>&1))"
 
 # 4. The environment.
