@@ -99,13 +99,17 @@ def test_reproduce_spec_into_fresh_venv_and_import_local_code(project: dict[str,
     assert result.returncode == 0, result.stdout + result.stderr
     venv_python = root / "opt" / "vmexec" / "venv" / "bin" / "python"
 
-    # A task pickled here as vmexec pickles user functions (by value) runs there.
+    # A task pickled here as vmexec pickles user functions (by value) runs there. Its
+    # worker unpickles it with vmexec importable (code sent by value binds to
+    # vmexec.agent.namespaces); the cut-down spec leaves vmexec out, so point at it.
     _, payload = dumps_callable(task)
+    vmexec_parent = str(Path(dumps_callable.__code__.co_filename).resolve().parent.parent)
     ran = subprocess.run(
         [str(venv_python), "-c", "import sys, pickle; "
          "print(pickle.loads(sys.stdin.buffer.read())())"],
         input=payload.decode("latin-1"), capture_output=True, text=True, encoding="latin-1",
-        cwd=str(tmp_path), timeout=60, env={"PATH": os.environ["PATH"]})
+        cwd=str(tmp_path), timeout=60,
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": vmexec_parent})
     assert ran.stdout.strip() == "(42, 3, 42)", ran.stderr
     frozen = subprocess.run([str(venv_python), "-m", "pip", "--version"],
                             capture_output=True, text=True)
