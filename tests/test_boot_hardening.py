@@ -101,7 +101,7 @@ def _run_uv_bootstrap(tmp_path: Path, links: Path) -> subprocess.CompletedProces
     prelude = install._COMMON.format(
         token="t", base="b", token_short="t", mode="requirements", pip_index=words,
         uv_index=words, major=3, minor=11, minor_version="3.11", check="''", check_names="",
-        vx_get=install.VX_GET, uv_version=install.uv_version(),
+        vx_get=install.VX_GET, uv_version=install.uv_version(), built_marker="x",
         uv_locks=install._uv_lock_cases(["x86_64", "aarch64"], "3.11", None, [str(links)]))
     tmp_path.mkdir(exist_ok=True)
     script = tmp_path / "prelude.sh"

@@ -21,6 +21,7 @@ from botocore.utils import determine_content_length  # noqa: E402
 from vmexec.environment.capture import find_local_code, source_tree_hash  # noqa: E402
 from vmexec.environment.install import (  # noqa: E402
     bootstrap_script,
+    built_builds,
     build_artifacts,
     install_script,
 )
@@ -165,7 +166,8 @@ def test_presigned_urls_and_per_arch_build_slots(session: Any,
         assert a.url.startswith("https://") and "X-Amz-Signature=" in a.url
         assert f"/vmexec/a/{a.sha256}/" in a.url and "X-Amz-Expires=600" in a.url
     for a in sdists:
-        assert f"/vmexec/builds/{a.sha256}/{a.arch}.tar" in a.build_put_url
+        assert f"/{a.sha256}/{a.arch}.tar" in a.build_put_url
+        assert "/vmexec/builds/" in a.build_put_url  # .../builds/<owner>/<sha>/<arch>.tar
         assert a.build_url.split("?")[0] == a.build_put_url.split("?")[0]
     # No credential travels in a URL: only the signature and the access key id.
     assert all("testing" not in a.url.split("X-Amz-Credential=")[0] for a in region.artifacts)
@@ -278,13 +280,18 @@ def test_compiled_local_package_is_built_by_the_first_machine_and_shared(
                             aws_secret_access_key="testing")
     staged = stage_artifacts(session, ["us-east-1"], "vmx-cext", artifacts, archs=[arch],
                              endpoint_url=moto_server)
-    script = install_script(spec, arch, staged["us-east-1"].artifacts)
     outputs = []
+    built: dict[str, str] = {}
     for machine in ("first", "second"):
+        # Later machines get the sha256 the first one reported (the client reads it).
+        script = install_script(spec, arch, staged["us-east-1"].artifacts,
+                                build_sha256=built)
         log_text, printed = boot(script, tmp_path / machine,
                                  "import cext; print(cext.answer())")
         assert printed == "42"
         outputs.append(log_text)
+        built = {**built_builds(log_text), **built}
     shared = f"cext-0.1.tar.gz: using the {arch} build another machine shared"
     assert shared not in outputs[0] and shared in outputs[1]
+    assert list(built) == [f"cext-0.1.tar.gz/{arch}"]
     delete_staging(session, ["us-east-1"], "vmx-cext", endpoint_url=moto_server)

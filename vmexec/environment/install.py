@@ -67,6 +67,8 @@ __all__ = [
     "install_script",
     "bootstrap_script",
     "stdin_command",
+    "built_builds",
+    "BUILT_MARKER",
     "redact_urls",
     "default_cache_dir",
 ]
@@ -425,20 +427,32 @@ vx_compiler() {{
   elif command -v apt-get >/dev/null 2>&1; then apt-get install -y gcc python{minor_version}-dev
   fi
 }}
-vx_build() {{  # sdist-file built-url put-url
+vx_build() {{  # sdist-file built-url put-url built-sha256
   local out="$vx_art/built-$vx_arch-$1"
-  rm -rf "$out" && mkdir -p "$out"
-  if [ -n "$2" ] && vx_get "$2" "$out.tar" 2>/dev/null && tar -xf "$out.tar" -C "$out" \
+  rm -rf "$out" "$out.tar" && mkdir -p "$out"
+  # A shared build is used only when its sha256 is the one the client learned from the
+  # machine that built it: anyone else who can write to the bucket cannot slip one in.
+  if [ -n "$2" ] && [ -n "$4" ] && vx_get "$2" "$out.tar" 2>/dev/null \
+      && [ "$(vx_sha "$out.tar")" = "$4" ] && tar -xf "$out.tar" -C "$out" \
       && ls "$out"/*.whl >/dev/null 2>&1; then
-    vx_log "$1: using the $vx_arch build another machine shared"
+    vx_log "$1: using the $vx_arch build another machine shared (sha256 verified)"
   else
+    if [ -n "$4" ] && [ -f "$out.tar" ]; then
+      vx_log "$1: the shared $vx_arch build is not the one recorded (sha256 differs): building here"
+    fi
+    rm -rf "$out" "$out.tar" && mkdir -p "$out"
     vx_compiler
     "$vx_uv" build --wheel --python "$vx_venv/bin/python" {uv_index} --out-dir "$out" \
       "$vx_art/$1" || vx_die "building $1 for $vx_arch failed (compiled extensions need a compiler and Python headers on the image: ami=)"
+    # Shared once: the presigned PUT requires If-None-Match (S3 refuses to replace an
+    # existing build). The client reads the sha256 printed here.
     if [ -n "$3" ] && command -v curl >/dev/null 2>&1; then
-      tar -cf "$out.tar" -C "$out" . && printf 'url = "%s"\n' "$3" \
-        | curl -fsS -X PUT --upload-file "$out.tar" -K - \
-        || vx_log "could not share the $vx_arch build of $1 (other machines build it too)"
+      if tar -cf "$out.tar" -C "$out" . && printf 'url = "%s"\n' "$3" \
+          | curl -fsS -X PUT -H "If-None-Match: *" --upload-file "$out.tar" -K -; then
+        echo "{built_marker} $1 $vx_arch $(vx_sha "$out.tar")"
+      else
+        vx_log "could not share the $vx_arch build of $1 (another machine may have shared it first)"
+      fi
     fi
   fi
   vx_pip --no-deps "$out"/*.whl || vx_die "cannot install the build of $1"
@@ -567,7 +581,8 @@ def _fetch_lines(artifacts: Iterable[Artifact]) -> list[str]:
 
 
 def _arch_body(spec: EnvSpec, arch: str, artifacts: Sequence[Artifact],
-               resolution: Optional[Resolution], uv_index: str) -> str:
+               resolution: Optional[Resolution], uv_index: str,
+               build_sha256: Optional[Mapping[str, str]] = None) -> str:
     """The install commands of one architecture (a bash function body)."""
     mine = [a for a in artifacts if a.arch in (None, arch)]
     # Artifacts for every arch are fetched by vx_fetch_shared: each presigned URL is
@@ -595,8 +610,9 @@ def _arch_body(spec: EnvSpec, arch: str, artifacts: Sequence[Artifact],
                          "|| vx_die 'cannot install the VCS/URL requirements'")
     lines += _wheel_lines(mine)
     for sdist in (a for a in mine if a.kind == "sdist"):
+        known = (build_sha256 or {}).get(f"{sdist.name}/{arch}", "")
         lines.append(f"  vx_build {_q(sdist.name)} {_q(sdist.build_url)} "
-                     f"{_q(sdist.build_put_url)}")
+                     f"{_q(sdist.build_put_url)} {_q(known)}")
     lines.append("  vx_done")
     return "\n".join(lines)
 
@@ -624,8 +640,13 @@ def install_script(prepared: Union["PreparedEnvironment", EnvSpec],
                    arch: Union[str, Sequence[str]],
                    artifacts: Optional[Sequence[Artifact]] = None, *,
                    index_url: Optional[str] = None,
-                   find_links: Union[str, Sequence[str], None] = None) -> str:
+                   find_links: Union[str, Sequence[str], None] = None,
+                   build_sha256: Optional[Mapping[str, str]] = None) -> str:
     """The bash commands that install the environment on a machine.
+
+    ``build_sha256`` maps ``"<sdist name>/<arch>"`` to the sha256 of a shared build a
+    machine of this client uploaded (``built_builds`` reads them from its output):
+    only a download with that hash is installed; without one the machine builds.
 
     One script serves every architecture in ``arch``: it picks its part by
     ``uname -m``. Paths are under ``${VMEXEC_ROOT:-}`` (empty on a real machine). It
@@ -671,6 +692,7 @@ def install_script(prepared: Union["PreparedEnvironment", EnvSpec],
                              minor=minor, minor_version=spec.python_minor,
                              check=_q(f"import {names}"), check_names=names,
                              vx_get=VX_GET, uv_version=uv_version(),
+                             built_marker=BUILT_MARKER,
                              uv_locks=_uv_lock_cases(archs, spec.python, index_url,
                                                      links))]
     cases = []
@@ -679,7 +701,8 @@ def install_script(prepared: Union["PreparedEnvironment", EnvSpec],
         if spec.mode != "conda-pack" and not has_lock:
             raise EnvSyncError(f"no requirements lock for {target}: run preflight for every "
                                "architecture of the plan (prepare_environment(archs=...))")
-        body = _arch_body(spec, target, artifacts, resolutions.get(target), uv_index)
+        body = _arch_body(spec, target, artifacts, resolutions.get(target), uv_index,
+                          build_sha256)
         script.append(f"vx_install_{target}() {{\n{body}\n}}\n")
         script.append(f"vx_update_{target}() {{\n{_update_body(artifacts, target)}\n}}\n")
         cases.append(f"    {target}) vx_install_{target};;")
@@ -734,6 +757,18 @@ def redact_urls(text: str) -> str:
     return _PRESIGNED_QUERY.sub(r"\1?<redacted>", text)
 
 
+#: The line a machine prints after sharing a build: marker, sdist name, arch, sha256.
+BUILT_MARKER = "VMEXEC-BUILT"
+_BUILT_LINE = re.compile(rf"^{BUILT_MARKER} (\S+) (\S+) ([0-9a-f]{{64}})$", re.MULTILINE)
+
+
+def built_builds(output: str) -> dict[str, str]:
+    """``{"<sdist name>/<arch>": sha256}`` of the builds an install's output says it
+    shared (for ``install_script(build_sha256=...)``)."""
+    return {f"{m.group(1)}/{normalize_arch(m.group(2))}": m.group(3)
+            for m in _BUILT_LINE.finditer(output)}
+
+
 def stdin_command(script: str) -> tuple[str, bytes]:
     """Run ``script`` (bash) on a machine without putting it on a command line.
 
@@ -783,9 +818,10 @@ class PreparedEnvironment:
             return sorted(self.resolutions)
         return sorted({a.arch for a in self.artifacts if a.arch})
 
-    def script(self, artifacts: Optional[Sequence[Artifact]] = None) -> str:
+    def script(self, artifacts: Optional[Sequence[Artifact]] = None,
+               build_sha256: Optional[Mapping[str, str]] = None) -> str:
         """``install_script`` for every prepared architecture."""
-        return install_script(self, self.archs, artifacts)
+        return install_script(self, self.archs, artifacts, build_sha256=build_sha256)
 
 
 def prepare_environment(environment: Union[str, Sequence[str], None] = "auto",

@@ -20,8 +20,12 @@ Owns:
 * install scripts too long for user-data (``stage_script``), fetched by the few lines
   of ``install.bootstrap_script``;
 * per-architecture builds of local packages with compiled extensions,
-  ``vmexec/builds/<sdist sha256>/<arch>.tar``: the first machine of an architecture
-  uploads its build there through a presigned PUT, later machines fetch it.
+  ``vmexec/builds/<owner>/<sdist sha256>/<arch>.tar`` (``<owner>``: a hash of the
+  caller's AWS identity, so owners never share builds): the first machine of an
+  architecture uploads its build there through a presigned PUT that lives
+  ``BUILD_PUT_SECONDS`` and requires ``If-None-Match: *`` (S3 refuses to replace a
+  build), and later machines install it only if its sha256 is the one the client
+  learned from the uploader (``install.built_builds``).
 
 boto3 is imported here and in ``vmexec.providers.ec2`` only. Must not import the
 providers: the caller passes the session, regions, fleet id and tags.
@@ -57,6 +61,8 @@ __all__ = [
     "bucket_name",
     "PREFIX",
     "EXPIRY_DAYS",
+    "BUILD_PUT_SECONDS",
+    "owner_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,8 +97,18 @@ def _ref_prefix(fleet: str) -> str:
     return f"{PREFIX}fleets/{fleet}/"
 
 
-def _build_key(sha256: str, arch: str) -> str:
-    return f"{PREFIX}builds/{sha256}/{arch}.tar"
+def _build_key(owner_id: str, sha256: str, arch: str) -> str:
+    return f"{PREFIX}builds/{owner_id}/{sha256}/{arch}.tar"
+
+
+#: Lifetime of a presigned PUT for a shared build: the first machine of an architecture
+#: uses it during its install, soon after boot; an hour is plenty, a leaked URL dies soon.
+BUILD_PUT_SECONDS = 3600
+
+
+def owner_id(arn: str) -> str:
+    """The builds folder of one AWS identity (a hash: no ARN in object keys)."""
+    return hashlib.sha256(arn.encode("utf-8")).hexdigest()[:16]
 
 
 @dataclasses.dataclass
@@ -153,9 +169,10 @@ class _Region:
     """One region's S3 client, bucket and account (made in the caller's thread)."""
 
     def __init__(self, session: Any, region: str, account: str,
-                 endpoint_url: Optional[str]) -> None:
+                 endpoint_url: Optional[str], caller: str = "") -> None:
         self.region = region
         self.account = account
+        self.owner_id = owner_id(caller or account)
         self.bucket = bucket_name(account, region)
         self.s3 = session.client("s3", region_name=region, endpoint_url=endpoint_url,
                                  config=Config(signature_version="s3v4",
@@ -239,9 +256,9 @@ class _Region:
                             CopySource={"Bucket": self.bucket, "Key": key},
                             Metadata={"refreshed": "1"}, **self.owner)
 
-    def presign(self, method: str, key: str, seconds: int) -> str:
+    def presign(self, method: str, key: str, seconds: int, **params: Any) -> str:
         return self.s3.generate_presigned_url(method, Params={"Bucket": self.bucket,
-                                                              "Key": key},
+                                                              "Key": key, **params},
                                               ExpiresIn=seconds)
 
     def list_keys(self, prefix: str) -> list[str]:
@@ -262,11 +279,12 @@ def _accounts(session: Any, regions: Sequence[str], endpoint_url: Optional[str]
               ) -> dict[str, "_Region"]:
     try:
         sts = session.client("sts", region_name=regions[0], endpoint_url=endpoint_url)
-        account = str(sts.get_caller_identity()["Account"])
+        identity = sts.get_caller_identity()
+        account, caller = str(identity["Account"]), str(identity.get("Arn", ""))
     except (ClientError, BotoCoreError) as exc:
         raise _translate(exc, "GetCallerIdentity", regions[0]) from exc
     # Clients are made here, in one thread: boto3 sessions are not thread-safe.
-    return {r: _Region(session, r, account, endpoint_url) for r in regions}
+    return {r: _Region(session, r, account, endpoint_url, caller) for r in regions}
 
 
 def _per_region(regions: dict[str, "_Region"], fn: Callable[["_Region"], Any]
@@ -358,10 +376,12 @@ def _stage_region(region: _Region, fleet: str, artifacts: Sequence[Artifact],
         url = region.presign("get_object", key, url_seconds)
         if artifact.kind == "sdist":
             for arch in archs or [artifact.arch or "x86_64"]:
-                build = _build_key(artifact.sha256, arch)
+                build = _build_key(region.owner_id, artifact.sha256, arch)
                 result.artifacts.append(dataclasses.replace(artifact, arch=arch).with_url(
                     url, build_url=region.presign("get_object", build, url_seconds),
-                    build_put_url=region.presign("put_object", build, url_seconds)))
+                    build_put_url=region.presign(
+                        "put_object", build, min(url_seconds, BUILD_PUT_SECONDS),
+                        IfNoneMatch="*")))
         else:
             result.artifacts.append(artifact.with_url(url))
     log.info("staged %d artifact(s) in %s: %d uploaded (%d bytes), %d already there",
@@ -443,7 +463,7 @@ def _delete_region(region: _Region, fleet: str) -> int:
     doomed: list[str] = list(mine)
     for sha in {key.rsplit("/", 1)[-1] for key in mine} - in_use:
         doomed += region.list_keys(f"{PREFIX}a/{sha}/")
-        doomed += region.list_keys(f"{PREFIX}builds/{sha}/")
+        doomed += region.list_keys(f"{PREFIX}builds/{region.owner_id}/{sha}/")
     region.delete_keys(doomed[len(mine):])
     if not region.list_keys(""):
         uploads = region.s3.list_multipart_uploads(Bucket=region.bucket, **region.owner)

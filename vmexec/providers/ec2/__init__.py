@@ -67,7 +67,7 @@ from botocore.exceptions import ClientError, InvalidRegionError
 
 from vmexec import retry
 from vmexec.environment import PreparedEnvironment, prepare_environment
-from vmexec.environment.install import redact_urls, stdin_command
+from vmexec.environment.install import built_builds, redact_urls, stdin_command
 from vmexec.environment.stage import delete_staging, stage_artifacts
 from vmexec.errors import CapacityError, ConfigError, EnvSyncError, QuotaError, TransportError
 from vmexec.guardrails.pricing import PriceBook
@@ -443,6 +443,10 @@ class EC2Provider(Provider):
             env=env, forward_env=forward_env, index_url=index_url,
             find_links=self.find_links)
         self._install_scripts: dict[str, str] = {}  # region -> staged install script
+        # region -> staged artifacts, and the sha256 of shared builds this fleet's
+        # machines reported ("<sdist>/<arch>" -> sha256): only those are installed.
+        self._staged: dict[str, list[Any]] = {}
+        self._build_hashes: dict[str, dict[str, str]] = {}
         self._staging_lock = threading.Lock()
 
         # -- state -----------------------------------------------------------------------
@@ -900,9 +904,23 @@ class EC2Provider(Provider):
                                          self.environment.artifacts,
                                          archs=self.environment.archs, tags=self.tags,
                                          endpoint_url=self.endpoint_url)[region]
+                self._staged[region] = list(staged.artifacts)
                 script = self._install_scripts[region] = self.environment.script(
-                    staged.artifacts)
+                    staged.artifacts, build_sha256=self._build_hashes.get(region))
             return script
+
+    def _learn_builds(self, region: str, output: str) -> None:
+        """Record the shared builds a machine reported; later installs may use them."""
+        learned = built_builds(output)
+        if not learned or self.environment is None:
+            return
+        with self._staging_lock:
+            known = self._build_hashes.setdefault(region, {})
+            new = {k: v for k, v in learned.items() if k not in known}
+            if new and region in self._staged:
+                known.update(new)
+                self._install_scripts[region] = self.environment.script(
+                    self._staged[region], build_sha256=known)
 
     def _install_environment(self, record: MachineRecord,
                              ssh: Callable[[str, float], Transport], seconds: float) -> None:
@@ -927,6 +945,7 @@ class EC2Provider(Provider):
         except TransportError:
             pass  # _read_all reports what the machine said
         output = _read_all(transport, max(60.0, seconds))
+        self._learn_builds(record.region or "", output)
         if _INSTALLED not in output:
             raise _BootFailed("installing the environment failed:\n"
                               + redact_urls(output[-1500:]))

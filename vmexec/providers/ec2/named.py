@@ -188,7 +188,8 @@ def trust_recorded(states: Mapping[str, NamedFleetState], ledger: Ledger, me: st
     """
     for region, state in states.items():
         recorded = ledger.instances(region)
-        trusted, ignored = [], []
+        trusted: list[str] = []
+        ignored: list[str] = []
         for item in state.instances:
             owner = tags_of(item).get(TAG_OWNER, "")
             (trusted if item["InstanceId"] in recorded and owner == me

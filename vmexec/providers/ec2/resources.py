@@ -276,8 +276,8 @@ def restrict_ingress(ec2: Any, region: str, group_id: str, ssh_cidr: str,
             lists = {k: v for k, v in lists.items() if v}
             if lists:
                 stale.append({**base, **lists})
-                revoked += [r.get("CidrIp") or r.get("CidrIpv6") or r.get("GroupId")
-                            or r.get("PrefixListId") for v in lists.values() for r in v]
+                revoked += [str(r.get("CidrIp") or r.get("CidrIpv6") or r.get("GroupId")
+                                or r.get("PrefixListId")) for v in lists.values() for r in v]
     if stale:
         ec2_errors.call("RevokeSecurityGroupIngress", region,
                         ec2.revoke_security_group_ingress, GroupId=group_id,
