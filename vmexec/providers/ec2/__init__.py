@@ -376,6 +376,10 @@ class EC2Provider(Provider):
         self.max_workers = max_workers
         self.fleet_id = fleet_id_for(name) if name else f"vmx-{secrets.token_hex(4)}"
         self.created = resources.utc_now()
+        # The process that owns the fleet. A child forked from it (a ProcessPoolExecutor
+        # in the same program) inherits this object, the atexit hooks and the signal
+        # handlers: it must never tear the parent's fleet down.
+        self._owner_pid = os.getpid()
         self.tags = resources.fleet_tags(self.fleet_id, name=name, user_tags=self.user_tags,
                                          created=self.created)
         if name:
@@ -992,8 +996,13 @@ class EC2Provider(Provider):
         left, removes the fleet's keys, and stores the ``TeardownSummary`` in
         ``teardown_summary``. It is idempotent and thread-safe; the provider launches
         nothing afterwards. Errors are logged (with the ``vmexec cleanup`` command), not
-        raised: this runs from shutdown paths.
+        raised: this runs from shutdown paths. In a process forked from the one that made
+        the fleet it does nothing: the fleet is the parent's.
         """
+        if os.getpid() != self._owner_pid:
+            log.debug("fleet %s belongs to process %d: not torn down from child %d",
+                      self.fleet_id, self._owner_pid, os.getpid())
+            return
         if records is None:
             self._teardown()
             return
@@ -1109,6 +1118,10 @@ class EC2Provider(Provider):
         The interpreter waits for the thread before it exits, so the cloud is cleaned even
         when the main thread unwinds on KeyboardInterrupt.
         """
+        if os.getpid() != self._owner_pid:  # a forked child: the fleet is the parent's
+            thread = threading.Thread(target=lambda: None)
+            thread.start()
+            return thread
         # Stop launching and connecting at once, before the thread runs. (No lock: this
         # runs in signal handlers.) An interrupted named fleet is removed too.
         self._destroy = True
