@@ -36,7 +36,7 @@ def _handshake(transport: LocalTransport, watchdog: float, heartbeat: float,
     hello = None
     while hello is None:
         for payload in reader.feed(transport.read(1 << 16)):
-            hello = decode(payload)
+            hello = protocol.decode_handshake(payload)
     assert hello["cpu_count"] >= 1 and hello["python"][:2] == tuple(sys.version_info[:2])
     transport.write(protocol.encode_handshake({
         **protocol.local_info(), "slots": 1, "initializer": None,

@@ -20,13 +20,21 @@ objects (callables, arguments, results) are never unpickled by the agent: they t
 as opaque ``bytes`` made by cloudpickle on one end and loaded on the other, so the
 agent itself needs none of the user's modules.
 
-Handshake frames (the first frame each way) are plain dicts pickled with protocol 4,
-which every supported Python reads, so that a version mismatch is *reported* rather
-than failing inside unpickling.
+Handshake frames (the first frame each way) are JSON objects, not pickles: the client
+reads the machine's handshake *before* it trusts the machine, and unpickling runs code
+chosen by whoever wrote the bytes. Types JSON lacks are explicit: ``{"$bytes": base64}``
+and ``{"$tuple": [...]}`` (``encode_handshake`` / ``decode_handshake``). Only
+str/int/float/bool/None, lists, tuples, bytes and dicts with str keys travel; anything
+else is refused. A version mismatch is *reported* (the versions are plain fields), not
+failed inside a decoder. After the handshake, frames are pickles as above: the per-task
+path is unchanged.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import pickle
 import platform
 import struct
@@ -54,7 +62,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # 2: TASK's last field may be 2, a micro-batch of separate calls (agent/worker.py).
-PROTOCOL_VERSION = 2
+# 3: the handshake is JSON (2 and before pickled it).
+PROTOCOL_VERSION = 3
 MAGIC = b"VMEXEC-AGENT\n"
 _HEADER = struct.Struct(">I")
 # A frame larger than this is either garbage on the stream or a task that should have
@@ -63,7 +72,6 @@ _HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 1 << 31
 _PICKLE_PROTOCOL = 5 if sys.version_info >= (3, 8) else 4
 PICKLE_PROTOCOL = _PICKLE_PROTOCOL
-_HANDSHAKE_PICKLE_PROTOCOL = 4
 
 
 class Msg:
@@ -136,9 +144,71 @@ def encode_frame(messages: list[Any]) -> bytes:
 
 
 def encode_handshake(info: dict[str, Any]) -> bytes:
-    """Serialise a handshake dict with a pickle protocol every Python 3 reads."""
-    payload = pickle.dumps(info, _HANDSHAKE_PICKLE_PROTOCOL)
+    """Serialise a handshake dict as one JSON frame (see the module docstring).
+
+    Raises:
+        TypeError: a value of a type the handshake does not carry.
+    """
+    payload = json.dumps(_to_json(info), separators=(",", ":"),
+                         allow_nan=False).encode("utf-8")
     return _HEADER.pack(len(payload)) + payload
+
+
+def decode_handshake(payload: bytes) -> dict[str, Any]:
+    """The handshake dict of a JSON handshake frame; never unpickles.
+
+    Raises:
+        ProtocolError: not a JSON object of the handshake's types (a vmexec before
+            protocol 3 pickled its handshake: install the same vmexec on both ends).
+    """
+    try:
+        data = json.loads(payload.decode("utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"a {type(data).__name__}, not an object")
+        return dict(_from_json(data))
+    except (UnicodeDecodeError, ValueError, TypeError, binascii.Error) as exc:
+        raise _errors().ProtocolError(
+            f"the far end's handshake ({len(payload)} bytes) is not vmexec's JSON handshake "
+            f"({exc}): it runs another vmexec version (before protocol 3 the handshake was "
+            "pickled). Install the same vmexec version on both ends") from None
+
+
+def _to_json(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, bytes):
+        return {"$bytes": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, tuple):
+        return {"$tuple": [_to_json(v) for v in value]}
+    if isinstance(value, list):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str) or key.startswith("$"):
+                raise TypeError(f"handshake: key {key!r} (keys are str, not starting with $)")
+        return {k: _to_json(v) for k, v in value.items()}
+    raise TypeError(f"handshake: a value of type {type(value).__name__} cannot travel "
+                    "(str, int, float, bool, None, list, tuple, bytes, dict)")
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    if isinstance(value, dict):
+        if len(value) == 1 and "$bytes" in value:
+            encoded = value["$bytes"]
+            if not isinstance(encoded, str):
+                raise TypeError("$bytes holds no base64 text")
+            return base64.b64decode(encoded.encode("ascii"), validate=True)
+        if len(value) == 1 and "$tuple" in value:
+            items = value["$tuple"]
+            if not isinstance(items, list):
+                raise TypeError("$tuple holds no list")
+            return tuple(_from_json(v) for v in items)
+        if any(k.startswith("$") for k in value):
+            raise TypeError(f"unknown typed value {sorted(value)}")
+        return {k: _from_json(v) for k, v in value.items()}
+    return value
 
 
 class FrameReader:

@@ -913,7 +913,7 @@ class Scheduler:
         if not frames:
             return None
         # The agent says nothing more until it has our hello: no frames left behind.
-        hello: dict[str, Any] = decode(frames[0])
+        hello: dict[str, Any] = protocol.decode_handshake(frames[0])
         return hello
 
     def _finish_handshake(self, link: _Link, hello: dict[str, Any]) -> None:

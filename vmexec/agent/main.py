@@ -277,8 +277,11 @@ class Agent:
         info["python"] = PYTHON_VERSION
         self._write_client(protocol.MAGIC + protocol.encode_handshake(info))
         try:
-            hello = decode(self._read_handshake())
+            hello = protocol.decode_handshake(self._read_handshake())
         except EOFError:
+            return False
+        except protocol.ProtocolError as exc:
+            self._write_client(encode_frame([(Msg.REFUSED, str(exc))]))
             return False
         self._heard_from_client(time.monotonic())
         mine = dict(info)
