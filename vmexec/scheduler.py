@@ -97,6 +97,9 @@ _BATCH_SECONDS = 0.02
 _MAX_BATCH = 512
 BATCH = 2  # TASK's ``chunked`` value for a micro-batch (vmexec.agent.worker.BATCH)
 
+# How often (seconds) the launch demand, a sum over every machine, is recomputed.
+_DEMAND_EVERY = 0.05
+
 _task_ids = itertools.count(1)
 # Set on reader threads: they must never write to a transport (see Scheduler.submit).
 _on_reader_thread = threading.local()
@@ -189,6 +192,8 @@ class MapItem(WorkItem):
         self._finish(None, error)
 
     def cancel(self) -> bool:
+        if self._state == _FINISHED:  # terminal: no lock needed to see it
+            return False
         with self._call.cond:
             if self._state in (_RUNNING, _FINISHED):
                 return False
@@ -201,6 +206,10 @@ class MapItem(WorkItem):
         return self._state in (_CANCELLED, _CANCELLED_NOTIFIED, _FINISHED)
 
     def result(self, timeout: Optional[float] = None) -> Any:
+        if self._state == _FINISHED and self._error is None:
+            # Terminal, and written before the state under the lock: no lock needed.
+            value, self._value = self._value, None
+            return value
         cond = self._call.cond
         with cond:
             if self._state != _FINISHED:
@@ -337,6 +346,16 @@ class Scheduler:
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._inbox_thread: Optional[threading.Thread] = None
         self._loop_batch: list[Any] = []  # only touched on the I/O loop
+        # Ready machines that may have room in their window, oldest first. Filled when
+        # a machine joins or results free room, emptied lazily by the passes that find
+        # a machine full: a pass costs what it hands out, not the size of the fleet.
+        self._room: dict[Machine, None] = {}
+        # Something happened that a dispatcher pass may act on (work queued, room
+        # freed, a machine joined); cleared by each pass. Keeps the dispatcher from
+        # re-scanning a thousand machines after every frame.
+        self._changed = False
+        # Launch demand is a sum over machines: computed at most every _DEMAND_EVERY.
+        self._demand_due = 0.0
         self._ping_every = max(config.heartbeat_interval, config.watchdog_timeout / 6)
         _live_schedulers.add(self)
 
@@ -353,6 +372,7 @@ class Scheduler:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._pending.extend(items)
+            self._changed = True
             self.progress.tasks_added(len(items))
             if self._dispatcher is None:
                 self._dispatcher = threading.Thread(
@@ -401,7 +421,11 @@ class Scheduler:
             while True:
                 with self._lock:
                     while not self._dispatch_needed_locked():
-                        delay = next_heartbeat - time.monotonic()
+                        now = time.monotonic()
+                        delay = next_heartbeat - now
+                        if self._pending and not self._launching and \
+                                not self._provider_exhausted:
+                            delay = min(delay, self._demand_due - now)
                         if delay <= 0:
                             break
                         self._wake.wait(delay)
@@ -435,9 +459,15 @@ class Scheduler:
             return True
         if not self._pending:
             return False
-        if self._launch_demand_locked(peek=True):
+        if self._changed and self._room:
             return True
-        return any(m.state == "ready" and len(m.inflight) < m.window() for m in self._machines)
+        return bool(self._launch_demand_locked(peek=True))
+
+    def _room_freed_locked(self, machine: Machine) -> None:
+        """``machine``'s window may have room now (results came back, it joined)."""
+        if machine.state == "ready":
+            self._room[machine] = None
+            self._changed = True
 
     def _take_batches_locked(self) -> list[Machine]:
         """Move pending items into machine windows; return the machines to flush.
@@ -448,10 +478,9 @@ class Scheduler:
         map items becomes a few large TASK messages rather than one per machine.
         """
         pending = self._pending
-        if not pending:
-            return []
-        ready = [m for m in self._machines if m.state == "ready"]
-        if not ready:
+        self._changed = False
+        room = self._room
+        if not pending or not room:
             return []
         assigned: dict[Machine, list[WorkItem]] = {}
 
@@ -474,37 +503,40 @@ class Scheduler:
 
         # First fill free slots everywhere, a micro-batch each, so work spreads over
         # machines ...
-        total_slots = sum(m.slots for m in ready)
         head = pending[0]
-        per_slot = self._batch_size_locked(head, total_slots) if head.batchable else 1
-        for machine in ready:
+        per_slot = self._batch_size_locked(head) if head.batchable else 1
+        for machine in list(room):
+            if machine.state != "ready":
+                del room[machine]
+                continue
             free = machine.slots - len(machine.inflight)
             if free > 0:
                 give(machine, free * per_slot)
                 if not pending:
                     break
         # ... then top up windows with fair shares of what is left, each share at
-        # least one micro-batch of the next item's function. Not while the next item
-        # is from a map whose run time is still unknown: its first calls (one per free
-        # slot) are probes, and the rest waits a round trip to travel in batches.
-        top_up = bool(pending)
-        if top_up and isinstance(pending[0], MapItem) and pending[0]._call.seconds is None \
-                and assigned:
-            top_up = False
-        if top_up:
-            room = [(m, m.window(per_slot)) for m in ready]
-            room = [(m, w) for m, w in room if len(m.inflight) < w]
-            while pending and room:
-                head = pending[0]
-                if isinstance(head, MapItem) and head._call.seconds is None:
+        # least one micro-batch. Not while the next item is from a map whose run time
+        # is still unknown: its first calls (one per free slot) are probes, and the
+        # rest waits a round trip to travel in batches. Machines are visited oldest
+        # first; one that is full leaves ``room``, one that got work goes to the back.
+        while pending and room:
+            head = pending[0]
+            if isinstance(head, MapItem) and head._call.seconds is None:
+                break
+            least = self._batch_size_locked(head) if head.batchable else 1
+            share = max(least, math.ceil(len(pending) / len(room)))
+            for machine in list(room):
+                if machine.state != "ready":
+                    del room[machine]
+                    continue
+                free = machine.window(least) - len(machine.inflight)
+                if free > 0:
+                    give(machine, min(share, free))
+                del room[machine]
+                if len(machine.inflight) < machine.window(least):
+                    room[machine] = None  # still room: to the back of the line
+                if not pending:
                     break
-                least = self._batch_size_locked(head, total_slots) if head.batchable else 1
-                share = max(least, math.ceil(len(pending) / len(room)))
-                for machine, window in room:
-                    give(machine, min(share, window - len(machine.inflight)))
-                    if not pending:
-                        break
-                room = [(m, w) for m, w in room if len(m.inflight) < w]
         to_flush = []
         for machine, items in assigned.items():
             if not items:
@@ -524,7 +556,7 @@ class Scheduler:
                         messages.append(self._task_message_locked(machine, batch))
                         batch = []
                     if not batch:
-                        batch_limit = self._batch_size_locked(item, total_slots)
+                        batch_limit = self._batch_size_locked(item)
                     batch.append(item)
                     continue
                 if batch:
@@ -539,21 +571,17 @@ class Scheduler:
                 to_flush.append(machine)
         return to_flush
 
-    def _batch_size_locked(self, item: WorkItem, slots: int) -> int:
+    def _batch_size_locked(self, item: WorkItem) -> int:
         """Map items per micro-batch: about ``_BATCH_SECONDS`` of measured work.
 
-        1 until the map's first results tell its run time. Smaller when the work left
-        is enough to keep every slot busy for a while: each slot should get at least
-        two batches, or the last batches would leave most of the fleet idle.
+        1 until the map's first results tell its run time. The batch's own length
+        bounds what batching can cost: the last batch of a map ends at most that much
+        after the others, and a result waits at most that long for its batch-mates.
         """
         seconds = item._call.seconds if isinstance(item, MapItem) else None
         if seconds is None:
             return 1
-        size = max(1, min(_MAX_BATCH, int(_BATCH_SECONDS / max(seconds, 1e-7))))
-        balanced = max(1, len(self._pending) // (2 * max(1, slots)))
-        if balanced < size and balanced * seconds >= 0.001:
-            return balanced
-        return size
+        return max(1, min(_MAX_BATCH, int(_BATCH_SECONDS / max(seconds, 1e-7))))
 
     def _task_message_locked(self, machine: Machine, batch: list[WorkItem]) -> tuple[Any, ...]:
         """The TASK message for one map item, or for a micro-batch of them."""
@@ -701,9 +729,18 @@ class Scheduler:
         return live + self._booting_slots
 
     def _launch_demand_locked(self, peek: bool = False) -> int:
-        """Slots to ask the provider for now (0: enough, or nothing more to ask)."""
+        """Slots to ask the provider for now (0: enough, or nothing more to ask).
+
+        A sum over every machine: computed at most every ``_DEMAND_EVERY`` seconds
+        (the dispatcher wakes up for it), not on every pass of a thousand-machine fleet.
+        """
         if self._launching or self._provider_exhausted or self._shutdown and not self._pending:
             return 0
+        now = time.monotonic()
+        if now < self._demand_due:
+            return 0
+        if not peek:
+            self._demand_due = now + _DEMAND_EVERY
         demand = len(self._pending) + sum(len(m.inflight) for m in self._machines)
         if self._max_workers is not None:
             demand = min(demand, self._max_workers)
@@ -953,6 +990,7 @@ class Scheduler:
             if machine is not None:
                 machine.link = link
                 link.machine = machine
+                self._room_freed_locked(machine)
             self._consecutive_failures = 0
             self._wake.notify()
         if machine is None:
@@ -1059,6 +1097,8 @@ class Scheduler:
                                                               f"{machine.label}: {why}")
                     if error is not None:
                         failed.append((item, error))
+            if resolved or failed or lost:
+                self._room_freed_locked(machine)
             # After shutdown() the dispatcher waits for the last in-flight result to
             # tear the fleet down: wake it, or it sleeps until the next heartbeat.
             if self._pending or self._shutdown:
@@ -1119,6 +1159,7 @@ class Scheduler:
             # Never started: back to the front of the queue, no attempt counted.
             for item in reversed([i for i in items if i is not None]):
                 self._pending.appendleft(item)
+            self._changed = True
             self._wake.notify()
 
     def _resolve(self, machine: Machine, item: WorkItem, message: tuple[Any, ...]) -> None:
@@ -1167,6 +1208,7 @@ class Scheduler:
         logger.info("re-queueing %s (attempt %d): %s", item.label, item.attempts + 1, why)
         self.progress.task_retried()
         self._pending.appendleft(item)
+        self._changed = True
         return None
 
     # -- machine loss, breaking, teardown -------------------------------------------
