@@ -47,7 +47,13 @@ import zipfile
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from vmexec.environment.capture import IGNORED_DIRS, GitIgnore, resolve_environment
-from vmexec.environment.preflight import Resolution, find_uv, normalize_arch, preflight
+from vmexec.environment.preflight import (
+    DEFAULT_MANYLINUX,
+    Resolution,
+    find_uv,
+    normalize_arch,
+    preflight,
+)
 from vmexec.environment.spec import (
     Artifact,
     Distribution,
@@ -830,7 +836,8 @@ def prepare_environment(environment: Union[str, Sequence[str], None] = "auto",
                         forward_env: Iterable[str] = (), paths: Optional[Sequence[str]] = None,
                         index_url: Optional[str] = None,
                         find_links: Union[str, Sequence[str], None] = None,
-                        workdir: Optional[str] = None, cache_dir: Optional[str] = None
+                        workdir: Optional[str] = None, cache_dir: Optional[str] = None,
+                        manylinux: Optional[str] = None
                         ) -> Optional[PreparedEnvironment]:
     """Capture (or read) the environment, preflight every arch, build the artifacts.
 
@@ -844,6 +851,8 @@ def prepare_environment(environment: Union[str, Sequence[str], None] = "auto",
         exclude, env, forward_env, paths: as for ``capture``.
         index_url, find_links: the machines' package index options.
         workdir, cache_dir: as for ``build_artifacts``.
+        manylinux: the machines' glibc baseline (``preflight.manylinux_for_images`` of
+            the plan's images; default ``preflight.DEFAULT_MANYLINUX``).
 
     Returns:
         The prepared environment, or None for ``environment=None``.
@@ -865,6 +874,7 @@ def prepare_environment(environment: Union[str, Sequence[str], None] = "auto",
         check_conda_arch(spec, targets)
         resolutions: dict[str, Resolution] = {}
     else:
-        resolutions = preflight(spec, targets, index_url=index_url, find_links=links)
+        resolutions = preflight(spec, targets, index_url=index_url, find_links=links,
+                                manylinux=manylinux or DEFAULT_MANYLINUX)
     artifacts = build_artifacts(spec, resolutions, workdir, cache_dir)
     return PreparedEnvironment(spec, resolutions, artifacts, index_url, links)

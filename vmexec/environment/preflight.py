@@ -39,13 +39,24 @@ from vmexec.environment.spec import EnvSpec, iter_lines, normalize_name
 from vmexec.errors import ConfigError, EnvSyncError
 
 __all__ = ["Resolution", "preflight", "find_uv", "normalize_arch", "DEFAULT_MANYLINUX",
-           "clear_cache"]
+           "clear_cache", "manylinux_for_images"]
 
 log = logging.getLogger(__name__)
 
-#: glibc baseline of the machines: Amazon Linux 2023 has 2.34, Ubuntu 22.04 2.35;
-#: 2.28 is what most projects publish for aarch64 and x86_64 alike.
+#: glibc baseline assumed for an image vmexec does not recognise (an ``ami=`` of one's
+#: own): 2.28 is what most projects publish for aarch64 and x86_64 alike.
 DEFAULT_MANYLINUX = "2_28"
+
+#: The glibc of the images vmexec knows, by a word of their SSM parameter or AMI name
+#: (first match wins). A wheel built for the image's own glibc (bcrypt 5 publishes
+#: manylinux_2_34 only, for example) installs there, so preflight must accept it.
+IMAGE_GLIBC: tuple[tuple[str, str], ...] = (
+    ("al2023", "2_34"),                 # Amazon Linux 2023 (the default image)
+    ("amazon-linux-2023", "2_34"),      # the Deep Learning Base AMI on AL2023 (GPU types)
+    ("amzn2-", "2_26"), ("amazon-linux-2/", "2_26"),  # Amazon Linux 2
+    ("ubuntu-noble", "2_39"), ("ubuntu-jammy", "2_35"), ("ubuntu-focal", "2_31"),
+    ("debian-13", "2_41"), ("debian-12", "2_36"), ("debian-11", "2_31"),
+)
 
 #: Seconds one resolution may take (it fetches metadata from the index).
 COMPILE_TIMEOUT = 600.0
@@ -59,6 +70,30 @@ _SDIST_RETRIES = 8
 
 _cache: dict[tuple[str, str, str, str], "Resolution"] = {}
 _cache_lock = threading.Lock()
+
+
+def manylinux_for_images(descriptions: Iterable[str]) -> str:
+    """The manylinux target every image of a plan supports.
+
+    Args:
+        descriptions: per image, its SSM parameter and/or AMI name (any text naming it).
+
+    Returns:
+        The lowest glibc among them as ``"2_34"``; ``DEFAULT_MANYLINUX`` when an image is
+        not recognised (or there is none).
+    """
+    found: list[tuple[int, int]] = []
+    for text in descriptions:
+        lowered = text.lower()
+        glibc = next((g for word, g in IMAGE_GLIBC if word in lowered), None)
+        if glibc is None:
+            return DEFAULT_MANYLINUX
+        major, minor = glibc.split("_")
+        found.append((int(major), int(minor)))
+    if not found:
+        return DEFAULT_MANYLINUX
+    major, minor = min(found)
+    return f"{major}_{minor}"
 
 
 def normalize_arch(arch: str) -> str:
@@ -252,7 +287,8 @@ def preflight(spec: EnvSpec, platforms: Iterable[str] = ("x86_64", "aarch64"),
         index_url: the package index the machines use (default: uv's, i.e. PyPI).
         find_links: wheel folders/URLs; without ``index_url`` the resolution is offline
             (``--no-index``), as the machines' install will be.
-        manylinux: glibc baseline of the machines' image (``2_28``).
+        manylinux: glibc baseline of the machines' image, e.g. ``2_34`` for Amazon
+            Linux 2023 (``manylinux_for_images``); default ``2_28``.
         use_cache: reuse this process's earlier result for the same inputs.
 
     Returns:

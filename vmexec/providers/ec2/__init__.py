@@ -69,6 +69,7 @@ from vmexec import retry
 from vmexec.environment import PreparedEnvironment, prepare_environment
 from vmexec.environment.install import built_builds, redact_urls, stdin_command
 from vmexec.environment.stage import delete_staging, stage_artifacts
+from vmexec.environment.preflight import manylinux_for_images
 from vmexec.errors import CapacityError, ConfigError, EnvSyncError, QuotaError, TransportError
 from vmexec.guardrails.pricing import PriceBook
 from vmexec.providers.base import MachineRecord, Provider
@@ -445,7 +446,11 @@ class EC2Provider(Provider):
         self.environment: Optional[PreparedEnvironment] = prepare_environment(
             environment, sorted({line.arch for line in self.plan.lines}), exclude=exclude,
             env=env, forward_env=forward_env, index_url=index_url,
-            find_links=self.find_links)
+            find_links=self.find_links,
+            # Wheels built for the images' own glibc (Amazon Linux 2023: 2.34) install there.
+            manylinux=manylinux_for_images(
+                f"{image.source} {image.name}" for per_region in self.images.values()
+                for image in per_region.values()))
         self._install_scripts: dict[str, str] = {}  # region -> staged install script
         # region -> staged artifacts, and the sha256 of shared builds this fleet's
         # machines reported ("<sdist>/<arch>" -> sha256): only those are installed.
