@@ -135,17 +135,58 @@ def test_agent_watchdog_runs_while_its_writes_to_a_suspended_client_block(
 
 def test_deadman_counts_frames_received_not_a_running_agent(
         cloud: LocalCloud, tmp_path: Path) -> None:
-    """The agents' watchdog is long here: the dead-man loop must see that no frame
-    arrived although the agents are still running (blocked or not)."""
-    grace = 4
+    """The dead-man loop must see that no frame arrived although the agents are still
+    running. While an agent runs, its idle client may be silent for half the
+    watchdog_timeout (the agent tells the loop): with a watchdog of 40 s and a grace of
+    4 s the loop powers off after 21 s, long before the agents' own watchdog."""
+    grace, watchdog = 4, 40.0
+    limit = int(watchdog / 2) + 1
     boot_env = {**cloud.boot_env(), "VMEXEC_DEADMAN_AFTER_AGENT": str(grace),
                 "VMEXEC_DEADMAN_INTERVAL": str(INTERVAL)}
-    proc, ids, log = run_and_suspend(cloud, tmp_path, 3600.0, boot_env)
+    proc, ids, log = run_and_suspend(cloud, tmp_path, watchdog, boot_env)
     try:
-        wait_all_off(cloud, ids, grace + INTERVAL + MARGIN, log)
+        wait_all_off(cloud, ids, limit + INTERVAL + MARGIN, log)
     finally:
         end(proc)
     for instance_id in ids:
-        assert f"powering off: nothing heard from a client for {grace}s" in \
+        assert f"powering off: nothing heard from a client for {limit}s" in \
             cloud.vm(instance_id).boot_log()
     assert cloud.offmachine_requests == []
+
+
+IDLE_CLIENT = textwrap.dedent("""
+    import json, os, sys, time
+    from vmexec import VMExecutor
+    from vmexec.testing.localcloud import remote_executor_options
+
+    def where(_):
+        return os.environ.get("VMEXEC_ROOT", "")
+
+    ex = VMExecutor(1, provider="ec2", instance_type="c7i.large", regions=[sys.argv[2]],
+                    slots_per_machine=1, heartbeat_interval=0.5, heartbeat_timeout=30,
+                    watchdog_timeout=30, boot_timeout=120, keepalive=600,
+                    **remote_executor_options(json.loads(sys.argv[1])))
+    first = set(ex.map(where, range(4)))
+    time.sleep(12)  # idle: the client only pings, every watchdog_timeout/6 at most
+    second = set(ex.map(where, range(4)))
+    print(json.dumps([m.id for m in ex.fleet] + [first == second]), flush=True)
+    ex.shutdown()
+""")
+
+
+def test_an_idle_client_keeps_its_machines(cloud: LocalCloud, tmp_path: Path) -> None:
+    """Frames are liveness, and an idle client sends few: with a dead-man grace shorter
+    than its ping interval, a running agent's machine must still stay on."""
+    script = tmp_path / "idle.py"
+    script.write_text(IDLE_CLIENT)
+    boot_env = {**cloud.boot_env(), "VMEXEC_DEADMAN_AFTER_AGENT": "2",
+                "VMEXEC_DEADMAN_INTERVAL": str(INTERVAL)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        [sys.executable, str(script), json.dumps(cloud.remote_options(boot_env=boot_env)),
+         REGION], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    *ids, same_machine = json.loads(done.stdout.strip().splitlines()[-1])
+    # The same machine served both maps: it did not power off while the client idled.
+    assert same_machine is True and len(ids) == 1
+    assert "nothing heard from a client" not in cloud.vm(ids[0]).boot_log()

@@ -307,7 +307,22 @@ class Agent:
         # every task sees them (they came over this connection, never via user-data).
         os.environ.update({str(k): str(v) for k, v in (hello.get("env") or {}).items()})
         self._out_tokens = float(self.output_limit)
+        self._note_silence_bound()
         return True
+
+    def _note_silence_bound(self) -> None:
+        """Tell the dead-man switch how long this client may stay silent while the agent
+        runs: an idle client pings only every so often (a fraction of watchdog_timeout),
+        and a short keepalive must not power the machine off under it."""
+        if self.heard_file is None:
+            return
+        path = os.path.join(os.path.dirname(self.heard_file), "silence")
+        try:
+            with open(path + ".tmp", "w", encoding="ascii") as f:
+                f.write(f"{int(self.watchdog_timeout / 2) + 1}\n")
+            os.replace(path + ".tmp", path)
+        except OSError:
+            pass
 
     # -- workers -------------------------------------------------------------------
     def _spawn_worker(self) -> None:

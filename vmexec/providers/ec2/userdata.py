@@ -334,7 +334,11 @@ while true; do
   fi
   # A running agent only tells which grace applies; it is not liveness: an agent
   # blocked writing to a suspended client runs on. Liveness is a frame *received*.
-  if [ "$seen_agent" = 0 ] && agent_running; then seen_agent=1; touch "$STATE/agent-seen"; fi
+  running=0
+  if agent_running; then
+    running=1
+    if [ "$seen_agent" = 0 ]; then seen_agent=1; touch "$STATE/agent-seen"; fi
+  fi
   last=$(stat -c %Y "$STATE/heartbeat" 2>/dev/null || echo "$start")
   # The client notes each agent it starts (one too short-lived for this loop to see
   # still counts), and keeps "active" fresh while it probes, installs and starts one
@@ -351,6 +355,11 @@ while true; do
     # A named fleet's later client sets its own keepalive for the machines it reuses.
     g=$(cat "$R/opt/vmexec/client/agent-grace" 2>/dev/null)
     case "$g" in ''|*[!0-9]*) ;; *) limit="$g";; esac
+  fi
+  if [ "$running" = 1 ]; then
+    # While an agent runs, its idle client may be quiet this long (the agent says so).
+    q=$(cat "$R/opt/vmexec/client/silence" 2>/dev/null)
+    case "$q" in ''|*[!0-9]*) ;; *) [ "$q" -gt "$limit" ] && limit="$q";; esac
   fi
   if [ $((now - last)) -gt "$limit" ]; then
     why="nothing heard from a client for ${{limit}}s"; break
