@@ -540,6 +540,9 @@ class LocalCloud:
             instances already "running", as on a slow hypervisor.
         machine_env: extra variables in every machine's SSH sessions (e.g. a
             ``UV_CACHE_DIR`` shared by all machines: an image with a warm package cache).
+        wheel_architectures: serve these architectures' wheels of the same versions
+            too, fetched from the package index at start (``build_wheelhouse``), e.g.
+            ``("x86_64", "aarch64")`` so that environment sync resolves a mixed fleet.
         firewall: enforce each machine's security group on its SSH port (a gate per
             machine), so that what the client authorizes and revokes matters.
         client_address: the address the emulated "what is my IP" endpoint answers.
@@ -570,7 +573,8 @@ class LocalCloud:
                  regions: Iterable[str] = ("us-east-1",), distro_sshd: bool = True,
                  poll_interval: float = 1.0, extra_distributions: Iterable[str] = (),
                  vm_tools: Iterable[str] = (), max_concurrent_boots: Optional[int] = None,
-                 machine_env: Optional[dict[str, str]] = None, firewall: bool = False,
+                 machine_env: Optional[dict[str, str]] = None,
+                 wheel_architectures: Iterable[str] = (), firewall: bool = False,
                  client_address: str = "203.0.113.7", start: bool = True) -> None:
         self._own_workdir = workdir is None
         # Short paths: the control socket's path must fit in 107 bytes.
@@ -581,6 +585,7 @@ class LocalCloud:
         self._extra_distributions = tuple(extra_distributions)
         self._vm_tools = tuple(vm_tools)
         self._machine_env = dict(machine_env or {})
+        self._wheel_architectures = tuple(wheel_architectures)
         self._lock = threading.RLock()
         self.firewall = firewall
         self.client_address = str(ipaddress.ip_address(client_address))
@@ -679,7 +684,8 @@ class LocalCloud:
         self.faults = ApiFaults(self.session, self.client, self.endpoint_url)
         # moto's backends are process-wide: start from an empty cloud.
         _reset_moto(self.endpoint_url)
-        self.wheels = build_wheelhouse(self.workdir / "wheelhouse", self._extra_distributions)
+        self.wheels = build_wheelhouse(self.workdir / "wheelhouse", self._extra_distributions,
+                                       self._wheel_architectures)
         control_path = str(self.workdir / "ctl.sock")
         self._control = ControlServer(control_path, self._on_machine_request)
         marker_prefix = f"lc{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -1730,7 +1736,8 @@ _BUILT: dict[str, Path] = {}
 _BUILD_LOCK = threading.Lock()
 
 
-def build_wheelhouse(dest: Path, extra: Iterable[str] = ()) -> list[Path]:
+def build_wheelhouse(dest: Path, extra: Iterable[str] = (),
+                     architectures: Iterable[str] = ()) -> list[Path]:
     """Fill ``dest`` with the wheels a machine needs and a PEP 503 index of them.
 
     vmexec is built from this checkout (``uv build``, else ``pip wheel``; about a second,
@@ -1745,6 +1752,11 @@ def build_wheelhouse(dest: Path, extra: Iterable[str] = ()) -> list[Path]:
     Args:
         dest: the directory (created).
         extra: more installed distributions to serve.
+        architectures: serve these architectures' wheels too (``"aarch64"``,
+            ``"x86_64"``): for each served wheel built for a platform, the same version's
+            wheel for each other architecture is downloaded from the package index
+            (``pip download``, cached per user), so that preflight resolves a mixed
+            fleet against this index.
 
     Returns:
         The wheel files.
@@ -1766,6 +1778,12 @@ def build_wheelhouse(dest: Path, extra: Iterable[str] = ()) -> list[Path]:
         target = files / cached.name
         shutil.copyfile(cached, target)
         wheels.append(target)
+    for arch in dict.fromkeys(architectures):
+        for cached in other_architecture_wheels(wheels, arch):
+            target = files / cached.name
+            if not target.exists():
+                shutil.copyfile(cached, target)
+                wheels.append(target)
     simple = dest / "simple"
     simple.mkdir(exist_ok=True)
     projects = collections.defaultdict(list)
@@ -1783,6 +1801,57 @@ def build_wheelhouse(dest: Path, extra: Iterable[str] = ()) -> list[Path]:
     (simple / "index.html").write_text(
         "<!DOCTYPE html><html><body>\n" + "".join(links) + "</body></html>\n")
     return wheels
+
+
+def other_architecture_wheels(wheels: Iterable[Path], arch: str) -> list[Path]:
+    """The ``arch`` wheels of the same versions as ``wheels``' platform wheels.
+
+    Downloaded from the package index this computer's pip uses (``pip download
+    --no-deps --only-binary :all:`` for this Python, manylinux 2.17 to 2.39), once per
+    user: they are cached in ``~/.cache/vmexec-localcloud/foreign/<arch>``.
+
+    Raises:
+        FakeVMError: a wheel could not be downloaded (the message names it).
+    """
+    arch = {"arm64": "aarch64", "amd64": "x86_64"}.get(arch, arch)
+    wanted: list[str] = []
+    for wheel in wheels:
+        parts = wheel.name[:-len(".whl")].split("-")
+        name, version, platforms = parts[0], parts[1], parts[-1]
+        if platforms == "any" or all(p.endswith(arch) for p in platforms.split(".")):
+            continue
+        wanted.append(f"{name}=={version}")
+    if not wanted:
+        return []
+    cache = _cache_dir() / "foreign" / arch
+    cache.mkdir(parents=True, exist_ok=True)
+    platforms = [f"manylinux_2_{minor}_{arch}" for minor in range(17, 40)]
+    platforms.append(f"manylinux2014_{arch}")
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--python-version", python, "--implementation", "cp",
+           "--abi", f"cp{sys.version_info.major}{sys.version_info.minor}",
+           *[word for platform in platforms for word in ("--platform", platform)],
+           "--dest", str(cache), "--progress-bar", "off", "--quiet", *wanted]
+    with _BUILD_LOCK:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise FakeVMError(f"the local cloud could not fetch the {arch} wheels of "
+                          f"{', '.join(wanted)} ({' '.join(cmd[:4])} ...):\n"
+                          f"{result.stderr[-2000:]}")
+    found = []
+    for requirement in wanted:
+        name, version = requirement.split("==")
+        matches = sorted(w for w in cache.glob("*.whl")
+                         if _normalize(w.name.split("-")[0]) == _normalize(name)
+                         and w.name.split("-")[1] == version
+                         and w.name[:-len(".whl")].split("-")[-1].endswith(arch))
+        if not matches:
+            raise FakeVMError(f"the local cloud found no {arch} wheel of {requirement} "
+                              f"(in {cache})")
+        found.append(matches[0])
+    log.info("serving %d %s wheel(s) of the same versions too", len(found), arch)
+    return found
 
 
 def requirement_closure(requirements: Iterable[str]) -> list[str]:
