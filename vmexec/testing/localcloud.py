@@ -64,6 +64,7 @@ import getpass
 import hashlib
 import http.server
 import importlib.metadata
+import importlib.util
 import ipaddress
 import logging
 import os
@@ -1589,7 +1590,13 @@ class LocalCloud:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("index: " + format, *args)
 
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                # A machine stopped mid-download (its fleet was torn down): not an error.
+                log.debug("index: a download to %s ended early", client_address,
+                          exc_info=True)
+
+        server = Server(("127.0.0.1", 0), Handler)
         server.daemon_threads = True
         self._http = server
         self._http_thread = threading.Thread(target=server.serve_forever,
@@ -1807,8 +1814,10 @@ def other_architecture_wheels(wheels: Iterable[Path], arch: str) -> list[Path]:
     """The ``arch`` wheels of the same versions as ``wheels``' platform wheels.
 
     Downloaded from the package index this computer's pip uses (``pip download
-    --no-deps --only-binary :all:`` for this Python, manylinux 2.17 to 2.39), once per
-    user: they are cached in ``~/.cache/vmexec-localcloud/foreign/<arch>``.
+    --no-deps --only-binary :all:`` for this Python, manylinux 2.17 to 2.39), or, in an
+    environment without pip (a uv venv), from PyPI's JSON API (``$VMEXEC_PYPI_URL``
+    to use a mirror), once per user: they are cached in
+    ``~/.cache/vmexec-localcloud/foreign/<arch>``.
 
     Raises:
         FakeVMError: a wheel could not be downloaded (the message names it).
@@ -1833,8 +1842,15 @@ def other_architecture_wheels(wheels: Iterable[Path], arch: str) -> list[Path]:
            "--abi", f"cp{sys.version_info.major}{sys.version_info.minor}",
            *[word for platform in platforms for word in ("--platform", platform)],
            "--dest", str(cache), "--progress-bar", "off", "--quiet", *wanted]
+    pip = _pip_interpreter()
     with _BUILD_LOCK:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if pip is None:
+            for requirement in wanted:
+                _download_from_pypi(requirement, arch, platforms, cache)
+            result = subprocess.CompletedProcess(cmd, 0, "", "")
+        else:
+            cmd[0] = pip
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise FakeVMError(f"the local cloud could not fetch the {arch} wheels of "
                           f"{', '.join(wanted)} ({' '.join(cmd[:4])} ...):\n"
@@ -1852,6 +1868,65 @@ def other_architecture_wheels(wheels: Iterable[Path], arch: str) -> list[Path]:
         found.append(matches[0])
     log.info("serving %d %s wheel(s) of the same versions too", len(found), arch)
     return found
+
+
+def _pip_interpreter() -> Optional[str]:
+    """An interpreter with pip: this one, else the one a venv without pip (uv's) was
+    made from (``pip download`` with explicit tags does not depend on which)."""
+    if importlib.util.find_spec("pip") is not None:
+        return sys.executable
+    base = getattr(sys, "_base_executable", None)
+    # (A venv's python is often a symlink to the base one: compare the paths themselves.)
+    if base and base != sys.executable:
+        probe = subprocess.run([base, "-c", "import pip"], capture_output=True, timeout=60)
+        if probe.returncode == 0:
+            return str(base)
+    return None
+
+
+def _download_from_pypi(requirement: str, arch: str, platforms: list[str],
+                        cache: Path) -> None:
+    """Fetch ``name==version``'s wheel for ``platforms`` and this Python from PyPI's JSON
+    API into ``cache`` (checked against the sha256 PyPI lists)."""
+    import json
+    import urllib.request
+
+    from packaging.tags import compatible_tags, cpython_tags
+    from packaging.utils import parse_wheel_filename
+
+    name, version = requirement.split("==")
+    if any(_normalize(w.name.split("-")[0]) == _normalize(name) and
+           w.name.split("-")[1] == version and arch in w.name for w in cache.glob("*.whl")):
+        return
+    python = sys.version_info[:2]
+    supported = list(cpython_tags(python, platforms=platforms)) + \
+        list(compatible_tags(python, platforms=platforms))
+    rank = {tag: i for i, tag in enumerate(supported)}
+    base = os.environ.get("VMEXEC_PYPI_URL", "https://pypi.org/pypi").rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{base}/{name}/json", timeout=60) as answer:
+            files = json.load(answer)["releases"].get(version, [])
+    except OSError as exc:
+        raise FakeVMError(f"the local cloud could not fetch the {arch} wheel of "
+                          f"{requirement} from {base} ({exc}); install pip here (it "
+                          "honours your index settings) or set VMEXEC_PYPI_URL") from None
+    best: Optional[tuple[int, dict[str, Any]]] = None
+    for entry in files:
+        if not entry["filename"].endswith(".whl"):
+            continue
+        tags = parse_wheel_filename(entry["filename"])[3]
+        score = min((rank[t] for t in tags if t in rank), default=None)
+        if score is not None and (best is None or score < best[0]):
+            best = (score, entry)
+    if best is None:
+        raise FakeVMError(f"PyPI has no {arch} wheel of {requirement} for Python "
+                          f"{python[0]}.{python[1]}")
+    entry = best[1]
+    with urllib.request.urlopen(entry["url"], timeout=300) as answer:
+        data = answer.read()
+    if hashlib.sha256(data).hexdigest() != entry["digests"]["sha256"]:
+        raise FakeVMError(f"{entry['filename']} from PyPI does not match its sha256")
+    (cache / entry["filename"]).write_bytes(data)
 
 
 def requirement_closure(requirements: Iterable[str]) -> list[str]:
