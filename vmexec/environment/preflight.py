@@ -92,8 +92,8 @@ def manylinux_for_images(descriptions: Iterable[str]) -> str:
         found.append((int(major), int(minor)))
     if not found:
         return DEFAULT_MANYLINUX
-    major, minor = min(found)
-    return f"{major}_{minor}"
+    lowest = min(found)
+    return f"{lowest[0]}_{lowest[1]}"
 
 
 def normalize_arch(arch: str) -> str:

@@ -1826,8 +1826,8 @@ def other_architecture_wheels(wheels: Iterable[Path], arch: str) -> list[Path]:
     wanted: list[str] = []
     for wheel in wheels:
         parts = wheel.name[:-len(".whl")].split("-")
-        name, version, platforms = parts[0], parts[1], parts[-1]
-        if platforms == "any" or all(p.endswith(arch) for p in platforms.split(".")):
+        name, version, platform_tag = parts[0], parts[1], parts[-1]
+        if platform_tag == "any" or all(p.endswith(arch) for p in platform_tag.split(".")):
             continue
         wanted.append(f"{name}=={version}")
     if not wanted:
