@@ -140,3 +140,19 @@ def test_hundreds_of_machines_cost_no_thread_each() -> None:
             time.sleep(0.1)
         # Shutdown closed every connection: no simulated agent is left running.
         assert fleet.stats()["agents_running"] == 0
+
+
+def test_a_slow_machine_gives_back_its_queued_tasks() -> None:
+    # Two one-slot machines, one ten times slower. Without work stealing the slow
+    # machine keeps the task queued behind its running one to the end (its window);
+    # with it, the fast machine takes that task back once the queue is empty.
+    with SimFleet(machines=2, slots=1, slow=(1, 10.0)) as fleet:
+        with VMExecutor(max_workers=2, **fleet.executor_options()) as ex:
+            futures = [ex.submit(sleep_task, 0.1, i) for i in range(30)]
+            assert [f.result(timeout=60) for f in futures] == list(range(30))
+            slow = [m for m in ex._scheduler.machines() if "slow" in m.info["hostname"]]
+            assert slow, "the slow machine is part of the fleet"
+            released = ex._scheduler.released_total
+    # The slow machine (1 s per task) ran only a few; the fast one (0.1 s) the rest,
+    # including tasks taken back from the slow machine's queue.
+    assert released >= 1

@@ -276,15 +276,18 @@ def _result_iterator(futures: list[Future[Any]], end_time: Optional[float],
     # A plain function, not a method: the iterator must not keep the executor alive.
     try:
         futures.reverse()
+        # Yield without keeping a name for the value: the caller must be the last one
+        # holding what it was given (CPython's test_free_reference).
         while futures:
-            if end_time is None:
-                result = _result_or_cancel(futures.pop())
-            else:
-                result = _result_or_cancel(futures.pop(), end_time - time.monotonic())
             if chunked:
-                yield from result
+                if end_time is None:
+                    yield from _result_or_cancel(futures.pop())
+                else:
+                    yield from _result_or_cancel(futures.pop(), end_time - time.monotonic())
+            elif end_time is None:
+                yield _result_or_cancel(futures.pop())
             else:
-                yield result
+                yield _result_or_cancel(futures.pop(), end_time - time.monotonic())
     finally:
         for future in futures:
             future.cancel()

@@ -99,6 +99,11 @@ BATCH = 2  # TASK's ``chunked`` value for a micro-batch (vmexec.agent.worker.BAT
 
 # How often (seconds) the launch demand, a sum over every machine, is recomputed.
 _DEMAND_EVERY = 0.05
+# Work stealing: when the queue is empty and a slot is idle, machines holding queued,
+# unstarted tasks that each take at least this long give them back (RELEASE), so a
+# slow machine in a mixed fleet does not become the tail. Checked at most this often.
+_STEAL_MIN_SECONDS = 0.05
+_STEAL_EVERY = 0.2
 
 _task_ids = itertools.count(1)
 # Set on reader threads: they must never write to a transport (see Scheduler.submit).
@@ -261,6 +266,7 @@ class Machine:
         self.writing = False
         # Micro-batches in flight: the batch's task id (its first item's) -> item ids.
         self.batches: dict[int, list[int]] = {}
+        self.releasing = False  # a RELEASE was sent and its RELEASED not yet received
 
     def window(self, batch: int = 1) -> int:
         """Items this machine may hold: every slot busy, plus what covers a round trip.
@@ -350,13 +356,23 @@ class Scheduler:
         # a machine joins or results free room, emptied lazily by the passes that find
         # a machine full: a pass costs what it hands out, not the size of the fleet.
         self._room: dict[Machine, None] = {}
+        self._holds_loop = False  # this scheduler keeps the I/O loop running
+        self._helpers: set[threading.Thread] = set()
+        self._helpers_lock = threading.Lock()
         # Something happened that a dispatcher pass may act on (work queued, room
         # freed, a machine joined); cleared by each pass. Keeps the dispatcher from
         # re-scanning a thousand machines after every frame.
         self._changed = False
         # Launch demand is a sum over machines: computed at most every _DEMAND_EVERY.
         self._demand_due = 0.0
-        self._ping_every = max(config.heartbeat_interval, config.watchdog_timeout / 6)
+        self._steal_due = 0.0
+        self.released_total = 0  # queued tasks machines gave back (work stealing, notices)
+        # An idle machine is pinged this often: well within its agent's watchdog and
+        # within its dead-man switch's grace, which counts frames *received* from the
+        # client (a named fleet's is its keepalive).
+        keepalive = cast(Optional[float], config.keepalive)
+        self._ping_every = max(config.heartbeat_interval, min(
+            config.watchdog_timeout / 6, keepalive / 3 if keepalive else math.inf))
         _live_schedulers.add(self)
 
     # -- public API (called by the executor) ----------------------------------------
@@ -396,15 +412,38 @@ class Scheduler:
         with self._lock:
             self._shutdown = True
             if cancel_futures:
-                for item in self._pending:
-                    item.future.cancel()
-                self._pending.clear()
+                self._cancel_pending_locked()
             dispatcher = self._dispatcher
             self._wake.notify()
         if dispatcher is None:
             self._teardown()
         elif wait and dispatcher is not threading.current_thread():
             dispatcher.join()
+
+    def _cancel_pending_locked(self) -> None:
+        """``shutdown(cancel_futures=True)``: cancel the queued calls, as
+        ProcessPoolExecutor does.
+
+        Its first ``max_workers + 1`` calls are already in its call queue (RUNNING)
+        even while its processes start; here the same number, less what machines
+        hold, stays queued to run. A call taken back from a lost machine is RUNNING
+        already and cannot be cancelled: it runs too, or it would never resolve.
+        """
+        inflight = sum(len(m.inflight) for m in self._machines)
+        limit = self._max_workers if self._max_workers is not None else \
+            self._capacity_locked()
+        keep = max(0, limit + 1 - inflight)
+        kept: Deque[WorkItem] = collections.deque()
+        for item in self._pending:
+            if item.started:
+                kept.append(item)
+            elif len(kept) < keep and item.future.set_running_or_notify_cancel():
+                item.started = True
+                kept.append(item)
+            else:
+                item.future.cancel()
+        self._pending = kept
+        self._changed = True
 
     def machines(self) -> list[Machine]:
         with self._lock:
@@ -426,20 +465,21 @@ class Scheduler:
                         if self._pending and not self._launching and \
                                 not self._provider_exhausted:
                             delay = min(delay, self._demand_due - now)
+                        elif not self._pending and self._changed and self._room:
+                            delay = min(delay, self._steal_due - now)
                         if delay <= 0:
                             break
                         self._wake.wait(delay)
                     if self._broken is not None:
                         break
-                    batches = self._take_batches_locked()
+                    batches = self._take_batches_locked() + self._steal_locked()
                     launch_slots = self._launch_demand_locked()
                     done = self._shutdown and not self._pending and not any(
                         m.inflight for m in self._machines)
                 for machine in batches:
                     self._flush(machine)
                 if launch_slots:
-                    threading.Thread(target=self._launch, args=(launch_slots,),
-                                     name="vmexec-launch", daemon=True).start()
+                    self._spawn(self._launch, (launch_slots,), "vmexec-launch")
                 now = time.monotonic()
                 if now >= next_heartbeat:
                     self._heartbeat(now)
@@ -458,7 +498,8 @@ class Scheduler:
         if self._shutdown and not self._pending and not any(m.inflight for m in self._machines):
             return True
         if not self._pending:
-            return False
+            # Room freed with nothing queued: a slot idles; maybe steal (rate-limited).
+            return self._changed and bool(self._room) and time.monotonic() >= self._steal_due
         if self._changed and self._room:
             return True
         return bool(self._launch_demand_locked(peek=True))
@@ -468,6 +509,8 @@ class Scheduler:
         if machine.state == "ready":
             self._room[machine] = None
             self._changed = True
+            if not self._pending:
+                self._wake.notify()  # an idle slot at the tail: maybe steal (rate-limited)
 
     def _take_batches_locked(self) -> list[Machine]:
         """Move pending items into machine windows; return the machines to flush.
@@ -570,6 +613,33 @@ class Scheduler:
             if self._enqueue_locked(machine, messages):
                 to_flush.append(machine)
         return to_flush
+
+    def _steal_locked(self) -> list[Machine]:
+        """At the tail of the work, take queued tasks back from machines that hold them.
+
+        A task waiting in a busy machine's window while another machine has an idle
+        slot costs that task's whole run time at the end of a job. When the queue is
+        empty and a slot idles, every machine holding more tasks than slots, of a
+        measured length worth it, is sent RELEASE: its agent returns the tasks no
+        worker has started (RELEASED), and they are dispatched again like new ones,
+        to whichever machines have room. Returns the machines to flush.
+        """
+        now = time.monotonic()
+        if self._pending or now < self._steal_due or not self._room:
+            return []
+        self._steal_due = now + _STEAL_EVERY
+        if not any(m.state == "ready" and len(m.inflight) < m.slots for m in self._room):
+            return []
+        flush = []
+        for machine in self._machines:
+            if machine.state != "ready" or machine.releasing or \
+                    len(machine.inflight) <= machine.slots or \
+                    (machine.avg_task_seconds or 0.0) < _STEAL_MIN_SECONDS:
+                continue
+            machine.releasing = True
+            if self._enqueue_locked(machine, [(Msg.RELEASE,)]):
+                flush.append(machine)
+        return flush
 
     def _batch_size_locked(self, item: WorkItem) -> int:
         """Map items per micro-batch: about ``_BATCH_SECONDS`` of measured work.
@@ -711,8 +781,7 @@ class Scheduler:
                 self._provider_exhausted = False
         for (machine, why), must_flush in zip(retire, flush):
             logger.info("turning machine %s off: %s", machine.label, why)
-            threading.Thread(target=self._retire, args=(machine, must_flush),
-                             name=f"vmexec-retire-{machine.label}", daemon=True).start()
+            self._spawn(self._retire, (machine, must_flush), f"vmexec-retire-{machine.label}")
 
     def _retire(self, machine: Machine, must_flush: bool) -> None:
         if must_flush:
@@ -752,6 +821,12 @@ class Scheduler:
         return missing
 
     def _launch(self, slots: int) -> None:
+        with self._lock:
+            if not self._holds_loop:
+                # Connections (and handshake timers) live on the I/O loop from now on;
+                # the teardown lets go of it once every transport has ended.
+                self._holds_loop = True
+                aio.hold()
         try:
             records = self._provider.launch(slots)
         except Exception as exc:
@@ -779,8 +854,7 @@ class Scheduler:
             if self._provider.connects_async:
                 aio.run(self._connect_async(record))
             else:
-                threading.Thread(target=self._connect, args=(record,),
-                                 name=f"vmexec-connect-{record.label}", daemon=True).start()
+                self._spawn(self._connect, (record,), f"vmexec-connect-{record.label}")
 
     def _connect(self, record: MachineRecord) -> None:
         """Thread body for providers whose ``connect`` blocks (boot, install, ...)."""
@@ -801,6 +875,16 @@ class Scheduler:
             self._post(self._connect_failed_event, record, exc)
             return
         self._attach(record, transport)
+
+    def _spawn(self, target: Any, args: tuple[Any, ...], name: str) -> None:
+        """A short-lived helper thread (launch, connect, retire, close) that the
+        teardown joins: shutdown(wait=True) leaves no thread of this executor running."""
+
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        with self._helpers_lock:
+            self._helpers = {t for t in self._helpers if t.is_alive()}
+            self._helpers.add(thread)
+        thread.start()
 
     def _post(self, handler: Any, link: Any, payload: Any) -> None:
         """Hand work to the inbox thread (started on first use)."""
@@ -1005,7 +1089,7 @@ class Scheduler:
         machine = Machine(record, transport, info, slots)
         if self._broken is not None or (self._shutdown and not self._pending):
             machine.state = "closed"
-            threading.Thread(target=self._close_machine, args=(machine,), daemon=True).start()
+            self._spawn(self._close_machine, (machine,), f"vmexec-close-{machine.label}")
             return None
         self._machines.append(machine)
         record.state = "ready"
@@ -1150,6 +1234,8 @@ class Scheduler:
 
     def _on_released(self, machine: Machine, task_ids: list[int]) -> None:
         with self._lock:
+            machine.releasing = False
+            self._room_freed_locked(machine)  # ready (stolen from) or not (going away)
             task_ids = [item_id for task_id in task_ids
                         for item_id in machine.batches.pop(task_id, None) or (task_id,)]
             items = [machine.inflight.pop(task_id, None) for task_id in task_ids]
@@ -1157,8 +1243,13 @@ class Scheduler:
                 if item is not None:
                     self._left_machine_locked(machine, item)
             # Never started: back to the front of the queue, no attempt counted.
-            for item in reversed([i for i in items if i is not None]):
+            back = [i for i in items if i is not None]
+            for item in reversed(back):
                 self._pending.appendleft(item)
+            self.released_total += len(back)
+        if back:
+            logger.info("took %d queued task(s) back from machine %s", len(back), machine.label)
+        with self._lock:
             self._changed = True
             self._wake.notify()
 
@@ -1237,7 +1328,7 @@ class Scheduler:
                        len(items) - len(failed))
         for item, error in failed:
             _set_exception(item.future, error)
-        threading.Thread(target=self._close_machine, args=(machine,), daemon=True).start()
+        self._spawn(self._close_machine, (machine,), f"vmexec-close-{machine.label}")
         self._check_starved()
 
     def _close_machine(self, machine: Machine) -> None:
@@ -1304,6 +1395,14 @@ class Scheduler:
             self._inbox.put(None)  # after every transport's last delivery
             if inbox is not threading.current_thread():
                 inbox.join(timeout=max(0.0, deadline - time.monotonic()))
+        with self._helpers_lock:
+            helpers = list(self._helpers)
+        for helper in helpers:
+            if helper is not threading.current_thread():
+                helper.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._holds_loop:
+            self._holds_loop = False
+            aio.release()
         self.progress.close()
         dropped = self.output_guard.summary()
         if dropped:

@@ -122,14 +122,6 @@ EXCLUDED = {
         PRIVATE.format("_executor_manager_thread"),
 }
 
-LEAD_CANCEL = ("cancellation depth: tasks already sent to a machine's in-flight window "
-               "cannot be cancelled by shutdown(cancel_futures=True) yet")
-LEAD_MAP = "map()'s iterator still holds a reference to the last result it yielded"
-EXPECTED_TO_FAIL = {
-    "ProcessPoolShutdownTest.test_cancel_futures": LEAD_CANCEL,
-    "ProcessPoolExecutorTest.test_free_reference": LEAD_MAP,
-}
-
 
 def _applicable_tests() -> list[str]:
     if cf is None:
@@ -296,9 +288,6 @@ def _raise_runtime_error() -> None:
     raise RuntimeError(123) # some comment
 
 
-LEAD_THREADS = ("shutdown(wait=True) does not yet join every thread the executor started "
-                "(CPython's threading_cleanup reports them dangling after each test)")
-
 # In a fresh interpreter, so that no thread started by an earlier test hides one.
 THREADS_SCRIPT = """if 1:
     import json, sys, threading
@@ -312,7 +301,6 @@ THREADS_SCRIPT = """if 1:
 """
 
 
-@pytest.mark.xfail(reason=LEAD_THREADS, strict=True)
 def test_shutdown_wait_leaves_no_thread_running(vm_options: dict[str, Any]) -> None:
     """CPython's BaseTestCase.tearDown (threading_cleanup) only warns when a test leaves
     threads running; here a thread the executor started and shutdown(wait=True) did not

@@ -76,6 +76,7 @@ class SimConfig:
     die: tuple[int, float] = (0, 0.0)
     stall: tuple[int, float] = (0, 0.0)
     drop: tuple[int, float] = (0, 0.0)
+    slow: tuple[int, float] = (0, 1.0)
     seed: int = 0
     user: str = "sim"
 
@@ -98,6 +99,8 @@ class SimFleet:
             uniform spread.
         die, stall, drop: ``(count, after_seconds)``: that many machines (chosen with
             ``seed``) fail that way ``after_seconds`` after their agent started.
+        slow: ``(count, factor)``: that many machines run ``sleep_task`` ``factor``
+            times slower (a mixed fleet: older types, noisy neighbours).
         workdir: where keys and known_hosts go (default: a temporary directory,
             removed on exit).
 
@@ -109,13 +112,14 @@ class SimFleet:
                  regions: Optional[dict[str, float]] = None,
                  boot: Union[float, tuple[float, float]] = 0.0,
                  die: tuple[int, float] = (0, 0.0), stall: tuple[int, float] = (0, 0.0),
-                 drop: tuple[int, float] = (0, 0.0), seed: int = 0,
+                 drop: tuple[int, float] = (0, 0.0), slow: tuple[int, float] = (0, 1.0),
+                 seed: int = 0,
                  workdir: Optional[str] = None) -> None:
         if machines < 1:
             raise ValueError(f"machines must be at least 1, not {machines!r}")
         self.config = SimConfig(machines=machines, slots=slots,
                                 regions=dict(regions or {"sim": 0.0}), boot=boot, die=die,
-                                stall=stall, drop=drop, seed=seed)
+                                stall=stall, drop=drop, slow=slow, seed=seed)
         self._own_dir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="vmexec-simfleet-")
         self.port = 0
@@ -220,6 +224,7 @@ def _serve(config_path: str, workdir: str) -> None:  # pragma: no cover - subpro
         return set(rng.sample(range(config.machines), min(count, config.machines)))
 
     dying, stalling, dropping = pick(config.die), pick(config.stall), pick(config.drop)
+    slowed = pick(config.slow)
 
     def boot_delay() -> float:
         spec = config.boot
@@ -250,6 +255,7 @@ def _serve(config_path: str, workdir: str) -> None:  # pragma: no cover - subpro
             self.chan: Any = None
             self.loop = asyncio.get_event_loop()
             self.timer: Any = None
+            self.pace = float(config.slow[1]) if index in slowed else 1.0
 
         # -- SSH session events
         def connection_made(self, chan: Any) -> None:
@@ -262,7 +268,8 @@ def _serve(config_path: str, workdir: str) -> None:  # pragma: no cover - subpro
             counters["agents"] += 1
             counters["agents_running"] += 1
             info = protocol.local_info()
-            info.update(hostname=f"sim-{self.region}-{self.index}", cpu_count=self.slots,
+            info.update(hostname=f"sim-{self.region}-{self.index}"
+                        + ("-slow" if self.pace != 1.0 else ""), cpu_count=self.slots,
                         pid=100000 + self.index, environment_hash=None)
             self._send_raw(protocol.MAGIC + protocol.encode_handshake(info))
             now = self.loop.time()
@@ -356,17 +363,17 @@ def _serve(config_path: str, workdir: str) -> None:  # pragma: no cover - subpro
                 total = sum(_sleep_seconds(c) for _, c in items)
                 outcome = [(item_id, True, pickle.dumps(_sleep_value(c)), _sleep_seconds(c))
                            for item_id, c in items]
-                self.loop.call_later(total, self.finish, task_id, True,
-                                     pickle.dumps(outcome), total)
+                self.loop.call_later(total * self.pace, self.finish, task_id, True,
+                                     pickle.dumps(outcome), total * self.pace)
             elif chunked:
                 total = sum(_sleep_seconds(((a), {})) for a in call)
                 values = [a[1] if len(a) > 1 else None for a in call]
-                self.loop.call_later(total, self.finish, task_id, True,
-                                     pickle.dumps(values), total)
+                self.loop.call_later(total * self.pace, self.finish, task_id, True,
+                                     pickle.dumps(values), total * self.pace)
             else:
                 seconds = _sleep_seconds(call)
-                self.loop.call_later(seconds, self.finish, task_id, True,
-                                     pickle.dumps(_sleep_value(call)), seconds)
+                self.loop.call_later(seconds * self.pace, self.finish, task_id, True,
+                                     pickle.dumps(_sleep_value(call)), seconds * self.pace)
 
         def finish(self, task_id: int, ok: bool, payload: bytes, seconds: float) -> None:
             self.running -= 1

@@ -9,7 +9,10 @@ Rules for code that runs on the loop (transport callbacks): never block, never c
 user code. Anything that may block — resolving futures, whose done-callbacks are user
 code — is handed to another thread (the scheduler's inbox thread).
 
-Threads: ``vmexec-io`` (daemon, started on first use, lives as long as the process).
+Threads: ``vmexec-io`` (daemon), started on first use. Executors ``hold`` the loop while
+they use it; when the last one lets go (``release``, at shutdown) the loop stops and
+its thread — and asyncio's resolver threads — are joined, so ``shutdown(wait=True)``
+leaves no thread behind, as ``ProcessPoolExecutor``'s does not.
 Must not import: providers, scheduler, executor, asyncssh (only ``ssh_async`` does).
 """
 
@@ -20,7 +23,7 @@ import concurrent.futures
 import threading
 from typing import Any, Callable, Coroutine, Optional, TypeVar
 
-__all__ = ["get_loop", "run", "post", "call_later", "on_loop_thread"]
+__all__ = ["get_loop", "run", "post", "call_later", "on_loop_thread", "hold", "release"]
 
 T = TypeVar("T")
 
@@ -34,6 +37,7 @@ _thread: Optional[threading.Thread] = None
 _posted: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
 _posted_lock = threading.Lock()
 _wakeup_pending = False
+_holders = 0
 
 
 def get_loop() -> asyncio.AbstractEventLoop:
@@ -61,7 +65,8 @@ def get_loop() -> asyncio.AbstractEventLoop:
 
 def on_loop_thread() -> bool:
     """True on the ``vmexec-io`` thread."""
-    return _thread is not None and threading.current_thread() is _thread
+    thread = _thread
+    return thread is not None and threading.current_thread() is thread
 
 
 def run(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
@@ -75,7 +80,9 @@ def post(fn: Callable[..., Any], *args: Any) -> None:
     if on_loop_thread():
         fn(*args)
         return
-    loop = get_loop()
+    loop = _loop
+    if loop is None:  # stopped: nothing of it is left to act on
+        return
     with _posted_lock:
         _posted.append((fn, args))
         if _wakeup_pending:
@@ -119,3 +126,46 @@ def call_later(seconds: float, fn: Callable[..., Any], *args: Any) -> Callable[[
 
     post(arm)
     return cancel
+
+
+def hold() -> None:
+    """Keep the loop running (started if needed) until a matching ``release``."""
+    global _holders
+    with _lock:
+        _holders += 1
+    get_loop()
+
+
+def release(timeout: float = 10.0) -> None:
+    """Let go of the loop; the last holder stops it and joins its threads.
+
+    Anything still on the loop (connections the holder closed but that are still
+    saying goodbye) is cut off: call this after the holder's transports have ended.
+    """
+    global _holders, _loop, _thread, _wakeup_pending
+    with _lock:
+        _holders = max(0, _holders - 1)
+        if _holders or _loop is None:
+            return
+        loop, thread = _loop, _thread
+        _loop = _thread = None
+    if thread is threading.current_thread():  # pragma: no cover - never from the loop
+        return
+
+    async def stop() -> None:
+        try:
+            await asyncio.wait_for(loop.shutdown_default_executor(), timeout)
+        finally:
+            loop.stop()
+
+    try:
+        asyncio.run_coroutine_threadsafe(stop(), loop)
+    except RuntimeError:  # already closed
+        return
+    if thread is not None:
+        thread.join(timeout)
+    if not loop.is_running():
+        loop.close()
+    with _posted_lock:
+        del _posted[:]
+        _wakeup_pending = False

@@ -63,15 +63,18 @@ _FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
                  "chacha20-poly1305@openssh.com", "aes128-ctr")
 
 _semaphore: Optional[asyncio.Semaphore] = None
+_semaphore_loop: Optional[asyncio.AbstractEventLoop] = None
 _client_keys: dict[str, Any] = {}
 _client_keys_lock = threading.Lock()
 _quiet = False
 
 
 def _connect_slots() -> asyncio.Semaphore:
-    global _semaphore
-    if _semaphore is None:  # created on the loop, where it is used
-        _semaphore = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    global _semaphore, _semaphore_loop
+    loop = asyncio.get_running_loop()
+    if _semaphore is None or _semaphore_loop is not loop:  # one per loop (restarted
+        _semaphore = asyncio.Semaphore(CONNECT_CONCURRENCY)  # after a release)
+        _semaphore_loop = loop
         _raise_open_file_limit()
     return _semaphore
 
