@@ -308,10 +308,32 @@ def test_e2e_a_client_that_changes_networks_loses_no_task(firewalled: Any) -> No
                     max_retries=5, **TIMING, **cloud.executor_options()) as ex:
         assert ex.submit(pow, 3, 2).result(timeout=240) == 9
         assert cloud.ssh_rules() == ["203.0.113.7/32"]
+        machines = {m.id for m in ex.fleet}
         futures = [ex.submit(_slow, i) for i in range(24)]
         futures[0].result(timeout=120)
         assert cloud.move_client("198.51.100.99") >= 1  # the open connections drop
         assert [f.result(timeout=300) for f in futures] == [i * i for i in range(24)]
-        # The new address was authorized and the old one revoked.
+        # The new address was authorized and the old one revoked ...
         assert cloud.ssh_rules() == ["198.51.100.99/32"]
+        # ... and the client reconnected to the same machines: nothing new was launched.
+        assert {m.id for m in ex.fleet} == machines
+        assert {i["InstanceId"] for i in cloud.instances()} == machines
     assert cloud.tagged_resources() == []
+
+
+def test_a_machine_reconnected_to_is_billed_all_along() -> None:
+    from vmexec.guardrails.budget import CostMeter
+    from vmexec.guardrails.pricing import PriceBook
+    from vmexec.providers.base import MachineRecord
+
+    now = [0.0]
+    meter = CostMeter(PriceBook(live=False), clock=lambda: now[0])
+    record = MachineRecord(id="i-1", label="i-1", slots=2, provider="ec2",
+                           region="us-east-1", instance_type="c7i.large")
+    meter.started(record)
+    now[0] = 1800.0
+    meter.stopped(record)  # the scheduler let it go: its connection broke
+    now[0] = 1900.0
+    meter.started(record)  # handed back and reconnected: it ran all along
+    now[0] = 3600.0
+    assert meter.seconds_by_group() == {("c7i.large", "us-east-1", "on-demand"): 3600.0}

@@ -267,8 +267,14 @@ class CostMeter:
                      "spot" if getattr(record, "spot", False) else "on-demand")
         now = self._clock()
         with self._lock:
-            if record.id not in self._machines:
+            known = self._machines.get(record.id)
+            if known is None:
                 self._machines[record.id] = _Machine(group, local, now)
+            elif known.stopped is not None:
+                # Handed back after the scheduler let it go (the EC2 provider reconnects
+                # to machines whose connection broke when the client changed networks):
+                # the instance ran all along, so it was billed all along.
+                known.stopped = None
 
     def stopped(self, record: Any) -> None:
         """Billing of ``record``'s machine stops now; unknown or stopped ids are ignored."""

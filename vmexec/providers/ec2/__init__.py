@@ -124,6 +124,9 @@ log = logging.getLogger(__name__)
 
 _DEFAULT_REGION = "us-east-1"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# A machine lost this long after this computer's address changed is reconnected to,
+# not replaced (its connection broke with the old network; the machine still runs).
+_RECONNECT_WINDOW = 120.0
 # After a launch found no capacity (or hit a quota), launch() adds nothing for this
 # long, so that the scheduler does not hammer EC2 with the same failing request.
 _LAUNCH_COOLDOWN = 60.0
@@ -351,6 +354,14 @@ class EC2Provider(Provider):
         self.network = ClientNetwork(self.ssh_cidr, validate_lookup(address_lookup))
         self._access: dict[str, RegionAccess] = {}  # region -> how its machines are reached
         self._groups: dict[str, str] = {}  # region -> the fleet's security group
+        # Machines lost because this computer changed networks (their SSH connections
+        # broke): kept, and handed back by the next launch() to be reconnected.
+        self._reconnect: list[MachineRecord] = []
+        self._reconnects: dict[str, int] = {}  # instance id -> times kept so
+        self._really_lost: set[str] = set()  # lost, and the address had not changed
+        # Kept by launch() before the scheduler's terminate() of them arrived: skip that.
+        self._skip_terminate: set[str] = set()
+        self._moved_at = -math.inf  # when the security groups last followed the address
         if endpoint_url is not None and not isinstance(endpoint_url, str):
             raise ConfigError(f"endpoint_url must be a URL string, not {endpoint_url!r}")
         self.endpoint_url = endpoint_url
@@ -579,6 +590,20 @@ class EC2Provider(Provider):
         with self._launch_lock:
             if self._closed:
                 return []
+            # A machine the scheduler just lost may have lost only its connection (this
+            # computer changed networks): decide before launching a replacement.
+            with self._lock:
+                lost = [r for r in self._records.values() if r.state == "lost"]
+            if lost:
+                self._keep_if_moved(lost, before_terminate=True)
+            with self._lock:
+                again, self._reconnect = self._reconnect, []
+            if again:
+                # Running machines whose connections broke when this computer changed
+                # networks: reconnect to them rather than launch and boot new ones.
+                log.info("fleet %s: reconnecting to %d machine(s) from the new address",
+                         self.fleet_id, len(again))
+                return again
             if time.monotonic() < self._blocked_until:
                 log.info("not launching for %.0fs more: the last launch found no capacity "
                          "or hit a quota", self._blocked_until - time.monotonic())
@@ -713,12 +738,13 @@ class EC2Provider(Provider):
             return entry.get("PrivateIpAddress") or entry.get("PublicIpAddress")
         return entry.get("PublicIpAddress") or entry.get("PrivateIpAddress")
 
-    def _follow_address(self) -> None:
+    def _follow_address(self, force: bool = False) -> None:
         """After an SSH failure: if this computer's public address changed (another
         network), admit the new one and revoke the old in every region dialled by it."""
-        moved = self.network.moved()
+        moved = self.network.moved(force=force)
         if moved is None:
             return
+        self._moved_at = time.monotonic()
         old, new = moved
         with self._lock:
             regions = [r for r, a in self._access.items() if a.automatic]
@@ -727,6 +753,37 @@ class EC2Provider(Provider):
             groups = {r: self._groups[r] for r in regions if r in self._groups}
         for region, group_id in groups.items():
             client_network.follow(self.clients[region].ec2, region, group_id, old, new)
+
+    def _keep_if_moved(self, records: list[MachineRecord], before_terminate: bool = False
+                       ) -> list[MachineRecord]:
+        """Of machines the scheduler gives up as lost, keep (for ``launch`` to hand back)
+        those lost because this computer's address changed: they still run; only the
+        connection broke. Returns the records still to terminate.
+
+        ``before_terminate``: called from ``launch``, before the scheduler's
+        ``terminate`` of these records, which is then skipped for those kept.
+        """
+        with self._lock:
+            lost = [r for r in records if r.state == "lost" and r.id not in self._really_lost
+                    and self._reconnects.get(r.id, 0) < 3]
+            automatic = any(a.automatic for a in self._access.values())
+        if not lost or not automatic or self._closed:
+            return records
+        self._follow_address(force=time.monotonic() - self._moved_at > _RECONNECT_WINDOW)
+        if time.monotonic() - self._moved_at > _RECONNECT_WINDOW:
+            with self._lock:  # the address did not change: the machines are really lost
+                self._really_lost.update(r.id for r in lost)
+            return records
+        with self._lock:
+            for record in lost:
+                record.state = "pending"
+                self._reconnects[record.id] = self._reconnects.get(record.id, 0) + 1
+                self._reconnect.append(record)
+                if before_terminate:
+                    self._skip_terminate.add(record.id)
+        log.info("fleet %s: kept %s for reconnection (this computer's address changed)",
+                 self.fleet_id, ", ".join(r.label for r in lost))
+        return [r for r in records if r not in lost]
 
     def _region_setup(self, region: str) -> RegionLaunchSetup:
         """The region's security group and launch template, created on first use."""
@@ -1011,6 +1068,10 @@ class EC2Provider(Provider):
         if records is None:
             self._teardown()
             return
+        with self._lock:
+            kept = {r.id for r in records if r.id in self._skip_terminate}
+            self._skip_terminate -= kept
+        records = self._keep_if_moved([r for r in records if r.id not in kept])
         by_region: dict[str, list[str]] = {}
         with self._lock:
             for record in records:
