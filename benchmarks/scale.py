@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -52,6 +53,7 @@ def measure(machines: int, slots: int, idle_seconds: float, tasks: int) -> dict[
     proc = psutil.Process()
     row: dict[str, Any] = {"machines": machines, "slots": slots}
     with SimFleet(machines=machines, slots=slots) as fleet:
+        warm_up(fleet)  # imports, the I/O loop, crypto: paid once, not per machine
         rss0, threads0 = proc.memory_info().rss, proc.num_threads()
         ex = VMExecutor(max_workers=machines * slots, heartbeat_interval=5.0,
                         **fleet.executor_options())
@@ -111,6 +113,22 @@ def measure(machines: int, slots: int, idle_seconds: float, tasks: int) -> dict[
             ex.shutdown(wait=True)
             row["shutdown_s"] = time.perf_counter() - t0
     return row
+
+
+def warm_up(fleet: SimFleet) -> None:
+    """One throwaway connection, so that RSS per machine is the slope, not imports."""
+    from vmexec.providers.ssh import parse_host
+    from vmexec.transports import aio
+    from vmexec.transports.ssh_async import open_async_ssh
+
+    user, host, port = parse_host(fleet.hosts[0])
+    aio.hold()
+    transport = aio.run(open_async_ssh(host, port, user, key_filename=fleet.ssh_key,
+                                       known_hosts=fleet.known_hosts, timeout=60,
+                                       command="python3 -m vmexec.agent")).result()
+    transport.close()
+    transport.join(10)
+    import vmexec.executor  # noqa: F401  (and everything the executor imports)
 
 
 def reference(tasks: int) -> dict[str, Any]:
@@ -186,14 +204,22 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=20000, help="tasks per map measurement")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one:  # one configuration, in a fresh process (so RSS is this fleet's alone)
+        print(json.dumps(measure(args.machines[0], args.slots[0], args.idle, args.tasks)))
+        return
     rows = []
     ref = reference(args.tasks)
     print(f"ProcessPoolExecutor(2), map cs=1: {ref['ppe_cpu_per_task_cs1_us']:.1f} µs client "
           "CPU per task", flush=True)
     for slots in args.slots:
         for machines in args.machines:
-            row = measure(machines, slots, args.idle, args.tasks)
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", "--machines", str(machines), "--slots",
+                 str(slots), "--idle", str(args.idle), "--tasks", str(args.tasks)],
+                check=True, stdout=subprocess.PIPE, text=True).stdout
+            row = json.loads(out.strip().splitlines()[-1])
             row.update(ref)
             rows.append(row)
             print(json.dumps(row), flush=True)
