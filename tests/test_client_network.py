@@ -304,8 +304,11 @@ def test_e2e_client_inside_a_vpc_uses_private_addresses_there(firewalled: Any) -
 
 def test_e2e_a_client_that_changes_networks_loses_no_task(firewalled: Any) -> None:
     cloud = firewalled
+    # Heartbeats are not what is tested: a generous timeout, so that a busy computer
+    # cannot lose the machine for another reason than the move.
+    timing = {**TIMING, "heartbeat_timeout": 120}
     with VMExecutor(2, provider="ec2", instance_type="c7i.large", regions=REGION,
-                    max_retries=5, **TIMING, **cloud.executor_options()) as ex:
+                    max_retries=5, **timing, **cloud.executor_options()) as ex:
         assert ex.submit(pow, 3, 2).result(timeout=240) == 9
         assert cloud.ssh_rules() == ["203.0.113.7/32"]
         machines = {m.id for m in ex.fleet}
