@@ -35,3 +35,26 @@ def test_a_forked_child_leaves_the_parents_fleet_alone(session: Any, calls: Any)
     finally:
         ex.shutdown()
     assert not os.path.exists(keys.client_key)  # the parent's own shutdown still does
+
+
+def _exit_the_child_way() -> None:
+    # What a forked worker does when it ends: run the interpreter's exit hooks.
+    import threading
+
+    threading._shutdown()  # type: ignore[attr-defined]
+
+
+def test_a_forked_child_does_not_shut_the_parents_executor_down() -> None:
+    with VMExecutor(2, provider="local") as ex:
+        assert ex.submit(pow, 2, 5).result(timeout=60) == 32
+        fork = multiprocessing.get_context("fork")
+        # The children inherit the scheduler and the exit hook that finishes its work
+        # at interpreter exit; only the process that made the scheduler may act on it.
+        with ProcessPoolExecutor(2, mp_context=fork) as pool:
+            assert list(pool.map(abs, [-1, -2])) == [1, 2]
+        child = fork.Process(target=_exit_the_child_way)
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+        assert ex.submit(pow, 2, 6).result(timeout=60) == 64
+        assert list(ex.map(abs, range(-50, 0))) == list(range(50, 0, -1))

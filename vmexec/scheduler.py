@@ -48,6 +48,7 @@ import collections
 import itertools
 import logging
 import math
+import os
 import pickle
 import queue
 import threading
@@ -358,6 +359,7 @@ class Scheduler:
         self._room: dict[Machine, None] = {}
         self._holds_loop = False  # this scheduler keeps the I/O loop running
         self._helpers: set[threading.Thread] = set()
+        self._pid = os.getpid()  # the process whose exit tears this fleet down
         self._helpers_lock = threading.Lock()
         # Something happened that a dispatcher pass may act on (work queued, room
         # freed, a machine joined); cleared by each pass. Keeps the dispatcher from
@@ -1435,8 +1437,11 @@ _live_schedulers: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
 
 
 def _python_exit() -> None:
+    # Only the process that made a scheduler shuts it down: a forked child (e.g. a
+    # ProcessPoolExecutor's worker exiting) inherits the set but not the fleet.
     for scheduler in list(_live_schedulers):
-        scheduler.shutdown(wait=True)
+        if scheduler._pid == os.getpid():
+            scheduler.shutdown(wait=True)
 
 
 try:  # runs before non-daemon threads are joined, as concurrent.futures does

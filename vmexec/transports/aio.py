@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 from typing import Any, Callable, Coroutine, Optional, TypeVar
 
@@ -38,6 +39,20 @@ _posted: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
 _posted_lock = threading.Lock()
 _wakeup_pending = False
 _holders = 0
+
+
+def _forget_after_fork() -> None:
+    # A forked child has the parent's loop object but not its thread: start afresh.
+    global _loop, _thread, _holders, _wakeup_pending, _lock, _posted_lock
+    _loop = _thread = None
+    _holders = 0
+    _wakeup_pending = False
+    _lock, _posted_lock = threading.Lock(), threading.Lock()
+    del _posted[:]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def get_loop() -> asyncio.AbstractEventLoop:
