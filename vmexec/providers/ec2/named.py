@@ -35,6 +35,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 from botocore.exceptions import ClientError
@@ -125,6 +126,9 @@ class Ledger:
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, self.FILE)
         self._data: dict[str, dict[str, list[str]]] = {}
+        # Regions launch in parallel threads, each recording its ids: one writer at a
+        # time, or two threads race on the temporary file.
+        self._lock = threading.Lock()
         if os.path.exists(self.path):
             if os.stat(self.path).st_mode & 0o077:
                 raise ConfigError(f"{self.path} is writable or readable by other users: a "
@@ -149,24 +153,26 @@ class Ledger:
     def add(self, region: str, *, instances: Iterable[str] = (),
             group: Optional[str] = None) -> None:
         """Record ids this client created (written to disk at once)."""
-        entry = self._data.setdefault(region, {"instances": [], "groups": []})
-        entry["instances"] = sorted(set(entry["instances"]) | set(instances))
-        if group is not None:
-            entry["groups"] = sorted(set(entry["groups"]) | {group})
-        self._save()
+        with self._lock:
+            entry = self._data.setdefault(region, {"instances": [], "groups": []})
+            entry["instances"] = sorted(set(entry["instances"]) | set(instances))
+            if group is not None:
+                entry["groups"] = sorted(set(entry["groups"]) | {group})
+            self._save()
 
     def keep_only(self, region: str, instances: Iterable[str]) -> None:
         """Forget recorded instances that no longer run (the file stays small)."""
-        entry = self._data.get(region)
-        if entry is not None:
-            alive = set(instances)
-            entry["instances"] = [i for i in entry["instances"] if i in alive]
-            self._save()
+        with self._lock:
+            entry = self._data.get(region)
+            if entry is not None:
+                alive = set(instances)
+                entry["instances"] = [i for i in entry["instances"] if i in alive]
+                self._save()
 
     def _save(self) -> None:
         directory = os.path.dirname(self.path)
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        temporary = self.path + ".tmp"
+        temporary = f"{self.path}.{os.getpid()}.tmp"  # two processes: two files
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
