@@ -284,18 +284,7 @@ class SSHProvider(Provider):
             HostKeyError: the host's key is unknown (policy "reject") or changed.
             TransportError: the host could not be reached or logged in to.
         """
-        user, host, port = self._host_of(record)
-        return open_ssh_transport(
-            host,
-            port,
-            user,
-            key_filename=self.ssh_key,
-            known_hosts=self.known_hosts,
-            host_key_policy=self.host_key_policy,
-            command=self.agent_command(),
-            timeout=max(0.001, min(timeout, self.connect_timeout)),
-            label=record.label,
-        )
+        return open_ssh_transport(**self._ssh_arguments(record, timeout))
 
     connects_async = True
 
@@ -305,18 +294,16 @@ class SSHProvider(Provider):
         A host that refuses the connection (rebooting; sshd's ``MaxStartups``) is
         retried with backoff within ``connect_timeout``.
         """
+        return await open_async_ssh(**self._ssh_arguments(record, timeout))
+
+    def _ssh_arguments(self, record: MachineRecord, timeout: float) -> dict[str, Any]:
+        """What either SSH library needs to start the agent on ``record``'s host."""
         user, host, port = self._host_of(record)
-        return await open_async_ssh(
-            host,
-            port,
-            user,
-            key_filename=self.ssh_key,
-            known_hosts=self.known_hosts,
-            host_key_policy=self.host_key_policy,
-            command=self.agent_command(),
-            timeout=max(0.001, min(timeout, self.connect_timeout)),
-            label=record.label,
-        )
+        return {"host": host, "port": port, "user": user, "key_filename": self.ssh_key,
+                "known_hosts": self.known_hosts, "host_key_policy": self.host_key_policy,
+                "command": self.agent_command(),
+                "timeout": max(0.001, min(timeout, self.connect_timeout)),
+                "label": record.label}
 
     def agent_command(self) -> str:
         """The remote command line that starts the agent."""
