@@ -44,6 +44,7 @@ Must not import: boto3, paramiko, concrete providers or transports (only their b
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import itertools
 import logging
@@ -908,7 +909,10 @@ class Scheduler:
         pending = self._loop_batch
         pending.append((handler, link, payload))
         if len(pending) == 1:
-            aio.get_loop().call_soon(self._post_loop_batch)
+            # The running loop, never aio.get_loop(): while a released loop stops, its
+            # last connection_lost callbacks land here, and get_loop() would start a
+            # new loop thread that nobody joins.
+            asyncio.get_running_loop().call_soon(self._post_loop_batch)
 
     def _post_loop_batch(self) -> None:
         batch, self._loop_batch = self._loop_batch, []

@@ -127,9 +127,11 @@ def call_later(seconds: float, fn: Callable[..., Any], *args: Any) -> Callable[[
     A timer on the loop costs a heap entry, where ``threading.Timer`` costs a thread:
     the handshake deadline of a thousand connecting machines is a thousand entries.
     """
-    loop = get_loop()
+    loop = _loop
     handle: list[Any] = []
     cancelled = threading.Event()
+    if loop is None:  # no holder keeps a loop running: nothing would fire it anyway
+        return cancelled.set
 
     def arm() -> None:
         if not cancelled.is_set():
