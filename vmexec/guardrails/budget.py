@@ -6,16 +6,20 @@ Owns::
     check_max_hourly_cost(cost, ...)    -> BudgetExceeded before anything is launched
     CostMeter.started/stopped(record)   -> instance-seconds by (type, region, purchase)
     CostMeter.total() / receipt()       -> the running estimate and the line at shutdown
-    find_leftovers(session, regions)    -> human lines about resources of earlier runs
+    find_leftovers(provider)            -> human lines about resources of earlier runs
+
+The provider side of the contract is data: ``CostPlan`` (what to price before launch),
+``Leftover`` (a resource of an earlier run) and ``TeardownReport`` (what the teardown did),
+returned by the hooks ``vmexec.providers.base.Provider`` declares.
 
 Every figure is instance-seconds x the hourly price of its (type, region, purchase
 option) from a ``PriceBook``, plus root-volume storage at the region's EBS price. A
 machine whose price is unknown is named, never priced at $0; machines of the ``local``
 and ``ssh`` providers cost vmexec nothing and the receipt says so.
 
-Imports no cloud SDK: prices come from ``vmexec.guardrails.pricing`` and the leftover
-query goes through ``vmexec.providers.ec2.resources``, imported when called. Must not
-import transports, the scheduler or the executor.
+Imports no cloud SDK and no provider: prices come from ``vmexec.guardrails.pricing``
+and the leftover query is the provider's ``leftovers()`` hook. Must not import
+providers, transports, the scheduler or the executor.
 """
 
 from __future__ import annotations
@@ -26,12 +30,15 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 from vmexec.errors import BudgetExceeded, ConfigError, VMExecError
 from vmexec.guardrails.pricing import Price, PriceBook
 
 __all__ = [
+    "CostPlan",
+    "Leftover",
+    "TeardownReport",
     "PlanCost",
     "estimate",
     "check_max_hourly_cost",
@@ -50,6 +57,62 @@ LOCAL_PROVIDERS = ("local", "ssh")
 SECONDS_PER_MONTH = 30 * 24 * 3600.0
 
 PlanCostLine = tuple[str, str, str, int, int, bool, Optional[float]]
+
+
+# --- what providers hand the cost guard ----------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CostPlan:
+    """A priced fleet's full-scale plan (``Provider.cost_plan``).
+
+    Attributes:
+        plan: has ``lines`` with ``region``, ``instance_type``, ``arch``, ``machines`` and
+            ``slots`` (the EC2 ``Plan``).
+        prices: the provider's price book (also prices the running meter).
+        spot: the plan launches spot first (the hourly limit is checked against the
+            on-demand fallback: the worst case).
+        storage_gb_per_machine: root volume size billed per machine (0: unknown/none).
+    """
+
+    plan: Any
+    prices: PriceBook
+    spot: bool = False
+    storage_gb_per_machine: float = 0.0
+
+
+class Leftover(Protocol):
+    """A resource of an earlier run (``Provider.leftovers``), e.g. an EC2 ``Resource``."""
+
+    @property
+    def region(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def fleet(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def owner(self) -> str: ...
+
+    def age(self, now: Optional[datetime.datetime] = None
+            ) -> Optional[datetime.timedelta]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TeardownReport:
+    """What a fleet's teardown did, for the receipt (``Provider.teardown_report``).
+
+    Attributes:
+        deleted: kind -> count of what was deleted.
+        left: resources still present afterwards (None: not verified).
+        kept: ids of a named fleet's machines left running for reuse.
+        keepalive: seconds those stay on without a client.
+    """
+
+    deleted: Mapping[str, int]
+    left: Optional[int] = None
+    kept: Sequence[str] = ()
+    keepalive: float = 0.0
 
 
 def format_usd(value: float) -> str:
@@ -444,38 +507,29 @@ class CostMeter:
 
 # --- leftovers of earlier runs -------------------------------------------------------------
 
-def find_leftovers(session: Any, regions: Sequence[str],
-                   endpoint_url: Optional[str] = None,
-                   exclude_fleet: Optional[str] = None) -> list[str]:
-    """Human lines about vmexec resources still alive in ``regions`` (by tag).
+class _HasLeftovers(Protocol):
+    def leftovers(self) -> Sequence[Leftover]: ...
+
+
+def find_leftovers(provider: _HasLeftovers) -> list[str]:
+    """Human lines about vmexec resources of earlier runs still alive where ``provider``
+    runs (its ``leftovers()`` hook: by tag, this fleet left out).
 
     One line per fleet: its id, name, owner, age, what it holds and where, and the
     ``vmexec cleanup`` command that removes it. A failed query becomes a line too: this
     feeds a warning at start-up and must not stop it.
 
-    Args:
-        session: a ``boto3.Session``.
-        regions: where to look.
-        endpoint_url: AWS endpoint (e.g. a moto server).
-        exclude_fleet: a fleet id not to mention (a named fleet about to be reused).
-
     Returns:
         The lines; empty when nothing is left.
     """
-    from vmexec.providers.ec2.resources import find_all
-
-    clients = {region: session.client("ec2", region_name=region, endpoint_url=endpoint_url)
-               for region in dict.fromkeys(regions)}
     try:
-        found = find_all(clients)
+        found = provider.leftovers()
     except VMExecError as exc:
         log.warning("could not look for leftover vmexec resources: %s", exc)
-        return [f"could not look for vmexec resources left by earlier runs in "
-                f"{', '.join(clients)} ({exc}); `vmexec ls` lists them"]
-    by_fleet: dict[str, list[Any]] = {}
+        return [f"could not look for vmexec resources left by earlier runs ({exc}); "
+                "`vmexec ls` lists them"]
+    by_fleet: dict[str, list[Leftover]] = {}
     for resource in found:
-        if exclude_fleet and resource.fleet == exclude_fleet:
-            continue
         by_fleet.setdefault(resource.fleet or "?", []).append(resource)
     now = datetime.datetime.now(datetime.timezone.utc)
     lines = []

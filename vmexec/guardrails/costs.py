@@ -1,29 +1,32 @@
 """The executor's cost guard: estimate before launch, hard limits, running cost, receipt.
 
-``CostGuard`` is built by the executor before anything is launched:
+``CostGuard`` is built by the executor before anything is launched. It talks to the
+provider through the hooks ``vmexec.providers.base.Provider`` declares (``Costed`` below
+names them; the base class's defaults mean "machines that cost nothing, no plan"):
 
-* with a cloud plan (the provider has ``plan`` and ``prices``) it prices the plan at full
-  scale, logs it, and refuses it when it costs more than ``max_hourly_cost``
-  (``BudgetExceeded``, naming the largest ``max_workers`` that fits);
-* it warns about vmexec resources still alive from earlier runs (a quick tag query);
+* with a cloud plan (``cost_plan()``) it prices the plan at full scale, logs it, and
+  refuses it when it costs more than ``max_hourly_cost`` (``BudgetExceeded``, naming the
+  largest ``max_workers`` that fits);
+* it warns about vmexec resources still alive from earlier runs (``leftovers()``);
 * the scheduler reports every machine it starts and stops (``started``/``stopped``),
-  checks ``over_budget()`` on every heartbeat tick, and logs ``receipt()`` at shutdown.
+  checks ``over_budget()`` on every heartbeat tick, and logs ``receipt()`` at shutdown
+  (with ``teardown_report()``: what was deleted, left or kept warm).
 
 Machines of the local and ssh providers cost $0: their receipt ("$0, your own machines")
 is logged at DEBUG only, and ``receipt()`` returns "" for them, which this logger drops,
-so a local run stays quiet by default. Must not import boto3
-directly (pricing and the tag query go through ``pricing``/``budget``).
+so a local run stays quiet by default. Must not import boto3 or any provider: the
+provider is reached through its hooks only.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, Sequence
 
 from vmexec.errors import BudgetExceeded, ConfigError
-from vmexec.guardrails.budget import CostMeter, PlanCost, check_max_hourly_cost, estimate
-from vmexec.guardrails.budget import find_leftovers, format_usd
+from vmexec.guardrails.budget import CostMeter, CostPlan, Leftover, PlanCost, \
+    TeardownReport, check_max_hourly_cost, estimate, find_leftovers, format_usd
 from vmexec.guardrails.pricing import PriceBook
 
 logger = logging.getLogger("vmexec.cost")
@@ -38,6 +41,19 @@ class _DropEmpty(logging.Filter):
 
 # On the logger itself: it applies to every record logged there, before any handler.
 logger.addFilter(_DropEmpty())
+
+
+class Costed(Protocol):
+    """What the cost guard asks of a provider (declared, with defaults, on
+    ``vmexec.providers.base.Provider``)."""
+
+    name: str
+
+    def cost_plan(self) -> Optional[CostPlan]: ...
+
+    def leftovers(self) -> Sequence[Leftover]: ...
+
+    def teardown_report(self) -> Optional[TeardownReport]: ...
 
 
 class CostGuard:
@@ -56,7 +72,7 @@ class CostGuard:
         BudgetExceeded: the full-scale plan costs more than ``max_hourly_cost``.
     """
 
-    def __init__(self, provider: Any, max_workers: Optional[int],
+    def __init__(self, provider: Costed, max_workers: Optional[int],
                  max_hourly_cost: Optional[float] = None, budget: Optional[float] = None,
                  check_leftovers: bool = True) -> None:
         for name, value in (("max_hourly_cost", max_hourly_cost), ("budget", budget)):
@@ -67,32 +83,29 @@ class CostGuard:
         self.max_hourly_cost = max_hourly_cost
         self.budget = budget
         self.started_at = time.monotonic()
-        prices = getattr(provider, "prices", None)
-        self.meter = CostMeter(prices if prices is not None else PriceBook(live=False),
-                               storage_gb_per_machine=_storage_gb(provider))
+        planned = provider.cost_plan()
+        self.meter = CostMeter(planned.prices if planned is not None else PriceBook(live=False),
+                               storage_gb_per_machine=planned.storage_gb_per_machine
+                               if planned is not None else 0.0)
         self.plan_cost: Optional[PlanCost] = None
-        plan = getattr(provider, "plan", None)
-        if plan is not None and prices is not None:
-            self.plan_cost = estimate(plan, prices, spot=bool(getattr(provider, "spot", False)))
+        if planned is not None:
+            self.plan_cost = estimate(planned.plan, planned.prices, spot=planned.spot)
             logger.info("plan at full scale (max_workers=%s):\n%s", max_workers,
                         self.plan_cost.text())
             if max_hourly_cost is not None:
                 # A spot fleet falls back to on-demand where spot is short, so the limit
                 # is checked against that worst case: the bill can never pass it.
-                worst = (estimate(plan, prices, spot=False)
-                         if getattr(provider, "spot", False) else self.plan_cost)
+                worst = (estimate(planned.plan, planned.prices, spot=False)
+                         if planned.spot else self.plan_cost)
                 check_max_hourly_cost(worst, max_hourly_cost, max_workers or 0)
         elif max_hourly_cost is not None or budget is not None:
             logger.info("provider %r runs on machines that cost vmexec's estimate nothing: "
-                        "max_hourly_cost/budget are trivially met", getattr(provider, "name", "?"))
-        if check_leftovers and getattr(provider, "session", None) is not None \
-                and getattr(provider, "regions", None):
+                        "max_hourly_cost/budget are trivially met", provider.name)
+        if check_leftovers:
             self._warn_leftovers(provider)
 
-    def _warn_leftovers(self, provider: Any) -> None:
-        lines = find_leftovers(provider.session, provider.regions,
-                               endpoint_url=getattr(provider, "endpoint_url", None),
-                               exclude_fleet=getattr(provider, "fleet_id", None))
+    def _warn_leftovers(self, provider: Costed) -> None:
+        lines = find_leftovers(provider)
         if lines:
             logger.warning("vmexec resources from earlier runs are still alive:\n  %s",
                            "\n  ".join(lines))
@@ -122,7 +135,7 @@ class CostGuard:
         """Running cost estimate in USD."""
         return self.meter.total()
 
-    def receipt(self, provider: Any) -> str:
+    def receipt(self, provider: Costed) -> str:
         """The shutdown line for the user: what the fleet cost and what was deleted.
 
         Returns "" for machines that cost nothing (local, ssh): that receipt goes to
@@ -134,23 +147,9 @@ class CostGuard:
             return ""
         return text
 
-    def _receipt_text(self, provider: Any) -> str:
-        summary = getattr(provider, "teardown_summary", None)
-        deleted = getattr(summary, "deleted", None) if summary is not None else None
-        remaining = getattr(summary, "remaining", None) if summary is not None else None
-        kept = getattr(summary, "kept", None) if summary is not None else None
-        return self.meter.receipt(deleted=deleted,
-                                  left=len(remaining) if remaining is not None else None,
-                                  kept=[r.id for r in kept or ()],
-                                  keepalive=getattr(summary, "keepalive", 0.0))
-
-
-def _storage_gb(provider: Any) -> float:
-    size = getattr(provider, "root_volume_gb", None)
-    if size:
-        return float(size)
-    images = getattr(provider, "images", None) or {}
-    sizes = [getattr(image, "root_size_gb", None) for per_region in images.values()
-             for image in (per_region.values() if isinstance(per_region, dict) else [])]
-    known = [float(s) for s in sizes if s]
-    return max(known) if known else 0.0
+    def _receipt_text(self, provider: Costed) -> str:
+        report = provider.teardown_report()
+        if report is None:
+            return self.meter.receipt()
+        return self.meter.receipt(deleted=report.deleted, left=report.left,
+                                  kept=list(report.kept), keepalive=report.keepalive)

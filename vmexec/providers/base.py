@@ -5,6 +5,26 @@ A provider knows nothing of tasks. The scheduler asks it for more slots
 machines (``terminate``). ``describe`` lists what exists now and ``sweep`` removes
 leftovers of earlier runs.
 
+Machine states (``MachineState``; ``MachineRecord.state``)::
+
+    pending -> running -> ready -> draining -> lost | terminated
+       |          |         `----------------> lost | terminated
+       `----------`--------------------------> terminated
+
+* ``pending``: launched (or handed back for reconnection); the machine may be booting.
+* ``running``: the provider saw it run and is connecting (``connect``).
+* ``ready``: its agent answered the handshake; the scheduler sends it tasks.
+* ``draining``: written by the scheduler when the machine will go soon (a spot
+  interruption notice): it takes no new tasks and finishes what it has. A provider no
+  longer counts its slots, so a replacement may be launched at once (EC2 reads it).
+* ``lost``: written by the scheduler when the connection broke; the provider may keep
+  it for reconnection (EC2, after this computer changed networks) or terminate it.
+* ``terminated``: gone (or forgotten); ``describe`` leaves it out.
+
+The cost guard (``vmexec.guardrails.costs``) asks a provider for what its machines cost
+through the hooks below (``cost_plan``, ``leftovers``, ``teardown_report``); the
+defaults mean "machines that cost vmexec nothing, no plan, nothing left behind".
+
 Must not import: scheduler, executor, transports other than ``transports.base``
 (concrete providers import the transport they use).
 """
@@ -13,9 +33,31 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Optional
+import enum
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from vmexec.transports.base import Transport
+
+if TYPE_CHECKING:  # the types the cost guard's hooks exchange (guardrails sit below)
+    from vmexec.guardrails.budget import CostPlan, Leftover, TeardownReport
+
+
+class MachineState(str, enum.Enum):
+    """Where a machine is in its life (see the module docstring for who writes which).
+
+    A ``str`` enum: ``MachineState.READY == "ready"``, so code and tests that compare
+    with the plain strings keep working.
+    """
+
+    PENDING = "pending"
+    RUNNING = "running"
+    READY = "ready"
+    DRAINING = "draining"
+    LOST = "lost"
+    TERMINATED = "terminated"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclasses.dataclass
@@ -26,7 +68,7 @@ class MachineRecord:
     label: str
     slots: int
     provider: str
-    state: str = "pending"  # pending -> running -> ready -> lost | terminated
+    state: str = MachineState.PENDING  # a MachineState; see the module docstring
     region: Optional[str] = None
     zone: Optional[str] = None
     instance_type: Optional[str] = None
@@ -96,3 +138,28 @@ class Provider(abc.ABC):
     def can_replace(self) -> bool:
         """Whether a lost machine can be replaced by launching another."""
         return True
+
+    # -- what the cost guard asks (vmexec.guardrails.costs) --------------------------------
+    def cost_plan(self) -> Optional[CostPlan]:
+        """The full-scale plan, its prices and storage, before anything is launched.
+
+        None (the default): the machines cost vmexec's estimate nothing (this computer,
+        static hosts): there is nothing to price, and ``max_hourly_cost``/``budget``
+        are trivially met.
+        """
+        return None
+
+    def leftovers(self) -> Sequence[Leftover]:
+        """Resources of earlier runs still alive where this fleet runs (not this fleet's).
+
+        Called once at start-up for a warning; the default finds nothing.
+
+        Raises:
+            VMExecError: the query failed (the guard reports that as a line, not an error).
+        """
+        return ()
+
+    def teardown_report(self) -> Optional[TeardownReport]:
+        """What ``terminate(None)`` deleted, left, or kept warm; None before it ran or for
+        a provider that deletes nothing (the receipt then names no resources)."""
+        return None

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import vmexec
 from vmexec.errors import ConfigError
-from vmexec.providers.base import MachineRecord, Provider
+from vmexec.providers.base import MachineRecord, MachineState, Provider
 from vmexec.transports.base import Transport
 from vmexec.transports.local import LocalTransport
 
@@ -94,17 +94,17 @@ class LocalProvider(Provider):
         transport = LocalTransport([self.python, "-m", "vmexec.agent"], label=record.label,
                                    env=self._agent_env(), cwd=os.getcwd())
         self._transports[record.id] = transport
-        record.state = "running"
+        record.state = MachineState.RUNNING
         return transport
 
     def describe(self) -> list[MachineRecord]:
-        return [r for r in self._records.values() if r.state != "terminated"]
+        return [r for r in self._records.values() if r.state != MachineState.TERMINATED]
 
     def terminate(self, records: Optional[list[MachineRecord]] = None) -> None:
         for record in list(records if records is not None else self._records.values()):
             transport = self._transports.pop(record.id, None)
             if transport is not None:
                 transport.close()
-            if record.state != "terminated":
+            if record.state != MachineState.TERMINATED:
                 self._slots_launched -= record.slots
-            record.state = "terminated"
+            record.state = MachineState.TERMINATED

@@ -23,7 +23,7 @@ import threading
 from typing import Any, Optional, Sequence
 
 from vmexec.errors import ConfigError
-from vmexec.providers.base import MachineRecord, Provider
+from vmexec.providers.base import MachineRecord, MachineState, Provider
 from vmexec.transports.base import Transport
 from vmexec.transports.ssh import HOST_KEY_POLICIES, format_address, open_ssh_transport
 from vmexec.transports.ssh_async import open_async_ssh
@@ -242,7 +242,7 @@ class SSHProvider(Provider):
                     label=label,
                     slots=self._slots[index] or 0,
                     provider=self.name,
-                    state="pending",
+                    state=MachineState.PENDING,
                     address=host,
                 )
                 self._records[record.id] = record
@@ -312,7 +312,7 @@ class SSHProvider(Provider):
     def describe(self) -> list[MachineRecord]:
         """The hosts handed out and not terminated."""
         with self._lock:
-            return [r for r in self._records.values() if r.state != "terminated"]
+            return [r for r in self._records.values() if r.state != MachineState.TERMINATED]
 
     def terminate(self, records: Optional[list[MachineRecord]] = None) -> None:
         """Forget ``records`` (all when None). Nothing remote is touched: each agent
@@ -320,7 +320,7 @@ class SSHProvider(Provider):
         with self._lock:
             chosen = list(self._records.values()) if records is None else records
             for record in chosen:
-                record.state = "terminated"
+                record.state = MachineState.TERMINATED
 
     def can_replace(self) -> bool:
         """A lost static host cannot be replaced by another."""

@@ -71,8 +71,9 @@ from vmexec.environment.install import built_builds, redact_urls, stdin_command
 from vmexec.environment.stage import delete_staging, stage_artifacts
 from vmexec.environment.preflight import manylinux_for_images
 from vmexec.errors import CapacityError, ConfigError, EnvSyncError, QuotaError, TransportError
+from vmexec.guardrails.budget import CostPlan, TeardownReport
 from vmexec.guardrails.pricing import PriceBook
-from vmexec.providers.base import MachineRecord, Provider
+from vmexec.providers.base import MachineRecord, MachineState, Provider
 from vmexec.providers.ec2 import resources
 from vmexec.providers.ec2.errors import throttled
 from vmexec.providers.ec2.fleet import (
@@ -593,7 +594,7 @@ class EC2Provider(Provider):
             # A machine the scheduler just lost may have lost only its connection (this
             # computer changed networks): decide before launching a replacement.
             with self._lock:
-                lost = [r for r in self._records.values() if r.state == "lost"]
+                lost = [r for r in self._records.values() if r.state == MachineState.LOST]
             if lost:
                 self._keep_if_moved(lost, before_terminate=True)
             with self._lock:
@@ -614,7 +615,8 @@ class EC2Provider(Provider):
                 for record in self._records.values():
                     # A machine that is lost, or draining before an interruption, no
                     # longer counts: its replacement may be launched.
-                    if record.state not in ("terminated", "lost", "draining"):
+                    if record.state not in (MachineState.TERMINATED, MachineState.LOST,
+                                            MachineState.DRAINING):
                         key = (record.region or "", record.instance_type or "")
                         live[key] = live.get(key, 0) + 1
                         live_slots += record.slots
@@ -703,7 +705,7 @@ class EC2Provider(Provider):
         with self._lock:
             for record in records:
                 by_region.setdefault(record.region or "", []).append(record.id)
-                record.state = "terminated"
+                record.state = MachineState.TERMINATED
         if new_regions:
             # A region set up by this launch holds nothing older: remove all of the
             # fleet there, by tag, and verify.
@@ -764,7 +766,7 @@ class EC2Provider(Provider):
         ``terminate`` of these records, which is then skipped for those kept.
         """
         with self._lock:
-            lost = [r for r in records if r.state == "lost" and r.id not in self._really_lost
+            lost = [r for r in records if r.state == MachineState.LOST and r.id not in self._really_lost
                     and self._reconnects.get(r.id, 0) < 3]
             automatic = any(a.automatic for a in self._access.values())
         if not lost or not automatic or self._closed:
@@ -776,7 +778,7 @@ class EC2Provider(Provider):
             return records
         with self._lock:
             for record in lost:
-                record.state = "pending"
+                record.state = MachineState.PENDING
                 self._reconnects[record.id] = self._reconnects.get(record.id, 0) + 1
                 self._reconnect.append(record)
                 if before_terminate:
@@ -893,7 +895,7 @@ class EC2Provider(Provider):
         clock = retry.current_clock()
         deadline = clock.monotonic() + min(timeout, self.boot_timeout)
         entry = self._watchers[record.region or ""].wait_running(record.id, deadline)
-        record.state = "running"
+        record.state = MachineState.RUNNING
         record.address = self._dial_address(record.region or "", entry)
         record.zone = entry.get("Placement", {}).get("AvailabilityZone", record.zone)
         host, port = self.address_for(record)
@@ -1048,7 +1050,7 @@ class EC2Provider(Provider):
     def describe(self) -> list[MachineRecord]:
         """The machines launched and not terminated."""
         with self._lock:
-            return [r for r in self._records.values() if r.state != "terminated"]
+            return [r for r in self._records.values() if r.state != MachineState.TERMINATED]
 
     def terminate(self, records: Optional[list[MachineRecord]] = None) -> None:
         """Terminate ``records``; with None, tear the whole fleet down and verify it.
@@ -1076,9 +1078,9 @@ class EC2Provider(Provider):
         with self._lock:
             for record in records:
                 known = self._records.get(record.id)
-                if known is None or known.state == "terminated":
+                if known is None or known.state == MachineState.TERMINATED:
                     continue
-                known.state = record.state = "terminated"
+                known.state = record.state = MachineState.TERMINATED
                 by_region.setdefault(known.region or "", []).append(known.id)
         if self._closed:
             return  # the fleet's teardown terminates everything, by tag, in one call a region
@@ -1118,7 +1120,7 @@ class EC2Provider(Provider):
                     by_region: dict[str, list[str]] = {}
                     for record in self._records.values():
                         # Kept warm: a named fleet's machines that were ready to work.
-                        if not (keep and record.state == "ready"):
+                        if not (keep and record.state == MachineState.READY):
                             by_region.setdefault(record.region or "", []).append(record.id)
                     touched = bool(self._setups or self._records)
                     left_before = any(state.instances or state.security_group
@@ -1139,7 +1141,7 @@ class EC2Provider(Provider):
                 with self._lock:
                     for record in self._records.values():
                         if record.id not in kept:
-                            record.state = "terminated"
+                            record.state = MachineState.TERMINATED
                     # Kept machines have their environment: its staged copy may serve
                     # them again (the bucket's lifecycle rule expires it otherwise).
                     staged_regions = [] if kept else list(self._install_scripts)
@@ -1177,6 +1179,35 @@ class EC2Provider(Provider):
     def can_replace(self) -> bool:
         """A lost machine can be replaced while the fleet is not shutting down."""
         return not self._closed
+
+    # -- the cost guard's hooks ------------------------------------------------------------
+    def cost_plan(self) -> CostPlan:
+        """The plan at full scale, priced by ``self.prices``; storage is the root volume
+        (``root_volume_gb``, else the largest of the plan's images)."""
+        if self.root_volume_gb:
+            storage = float(self.root_volume_gb)
+        else:
+            sizes = [image.root_size_gb for per_region in self.images.values()
+                     for image in per_region.values() if image.root_size_gb]
+            storage = float(max(sizes)) if sizes else 0.0
+        return CostPlan(plan=self.plan, prices=self.prices, spot=self.spot,
+                        storage_gb_per_machine=storage)
+
+    def leftovers(self) -> list[resources.Resource]:
+        """vmexec resources of other fleets in this fleet's regions, found by tag.
+
+        Raises:
+            VMExecError: a region's describe calls failed.
+        """
+        found = resources.find_all({r: c.ec2 for r, c in self.clients.items()})
+        return [r for r in found if r.fleet != self.fleet_id]
+
+    def teardown_report(self) -> Optional[TeardownReport]:
+        summary = self.teardown_summary
+        if summary is None:
+            return None
+        return TeardownReport(deleted=summary.deleted, left=len(summary.remaining),
+                              kept=[r.id for r in summary.kept], keepalive=summary.keepalive)
 
     def start_background_teardown(self) -> threading.Thread:
         """Start ``terminate(None)`` in a non-daemon thread (signal handlers use this).

@@ -48,7 +48,7 @@ from botocore.exceptions import ClientError
 
 from vmexec import retry
 from vmexec.errors import ConfigError, TransportError, VMExecError
-from vmexec.providers.base import MachineRecord
+from vmexec.providers.base import MachineRecord, MachineState
 from vmexec.providers.ec2 import errors as ec2_errors
 from vmexec.providers.ec2.images import ImageInfo
 from vmexec.providers.ec2.plan import Plan, RegionFacts, TypeInfo, machines_for
@@ -461,7 +461,7 @@ class Launcher:
                     id=instance_id,
                     label=f"{instance_id} ({placed or group.region} {instance_type})",
                     slots=self.slots(instance_type), provider=self.provider_name,
-                    state="pending", region=group.region, zone=placed,
+                    state=MachineState.PENDING, region=group.region, zone=placed,
                     instance_type=instance_type, arch=info.arch,
                     spot=entry.get("Lifecycle", group.purchase) == "spot",
                 ))

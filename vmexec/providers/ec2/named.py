@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 from botocore.exceptions import ClientError
 
 from vmexec.errors import ConfigError
-from vmexec.providers.base import MachineRecord
+from vmexec.providers.base import MachineRecord, MachineState
 from vmexec.providers.ec2 import errors as ec2_errors
 from vmexec.providers.ec2.plan import TypeInfo
 from vmexec.providers.ec2.resources import TAG_CLIENT, TAG_FLEET, TAG_OWNER, tags_of
@@ -264,7 +264,8 @@ def adopt(states: Mapping[str, NamedFleetState],
             zone = item.get("Placement", {}).get("AvailabilityZone")
             records.append(MachineRecord(
                 id=instance_id, label=f"{instance_id} ({zone or region} {itype})",
-                slots=slots(itype), provider=provider_name, state="pending", region=region,
+                slots=slots(itype), provider=provider_name, state=MachineState.PENDING,
+                region=region,
                 zone=zone, instance_type=itype, arch=info.arch,
                 spot=item.get("InstanceLifecycle") == "spot"))
     if busy:
