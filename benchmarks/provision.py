@@ -46,7 +46,7 @@ def scenario_vmexec(url: str, slots: int, regions: list[str]) -> dict[str, Any]:
     import boto3
 
     from vmexec.providers.ec2 import EC2Provider
-    from vmexec.providers.ec2.errors import ApiCallCounter
+    from vmexec.testing.faults import ApiCallCounter
 
     session = boto3.Session(region_name=regions[0])
     calls = ApiCallCounter(session)
@@ -88,7 +88,7 @@ def scenario_vmexec(url: str, slots: int, regions: list[str]) -> dict[str, Any]:
 def scenario_loop(url: str, slots: int, regions: list[str]) -> dict[str, Any]:
     import boto3
 
-    from vmexec.providers.ec2.errors import ApiCallCounter
+    from vmexec.testing.faults import ApiCallCounter
 
     session = boto3.Session(region_name=regions[0])
     calls = ApiCallCounter(session)

@@ -20,8 +20,8 @@ from moto.server import ThreadedMotoServer
 
 from vmexec import retry
 from vmexec.providers.ec2 import EC2Provider
-from vmexec.providers.ec2.errors import ApiCallCounter, FaultInjector
 from vmexec.providers.ec2.resources import Resource, find_resources
+from vmexec.testing.faults import ApiCallCounter, FaultInjector
 
 TEST_CIDR = "203.0.113.7/32"  # TEST-NET-3: never a real client
 REGIONS = ["us-east-1", "us-west-2"]

@@ -24,7 +24,6 @@ from aws_fixtures import MIXED, REGIONS, TEST_CIDR, tagged
 from vmexec import VMExecutor, retry
 from vmexec.errors import CapacityError, ConfigError, QuotaError, TransportError, VMExecError
 from vmexec.providers.ec2 import EC2Provider
-from vmexec.providers.ec2.errors import ApiCallCounter, FaultInjector
 from vmexec.providers.ec2.images import ssm_parameter
 from vmexec.providers.ec2.userdata import (
     USERDATA_LIMIT,
@@ -33,6 +32,7 @@ from vmexec.providers.ec2.userdata import (
     agent_command,
     render_userdata,
 )
+from vmexec.testing.faults import ApiCallCounter, FaultInjector
 from vmexec.testing.sshd import SSHServer, sshd_available
 
 Make = Callable[..., EC2Provider]

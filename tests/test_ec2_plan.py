@@ -18,7 +18,6 @@ import pytest
 
 from vmexec.errors import ConfigError
 from vmexec.providers.ec2 import EC2Provider, detect_ssh_cidr
-from vmexec.providers.ec2.errors import ApiCallCounter
 from vmexec.providers.ec2.images import ssm_parameter
 from vmexec.providers.ec2.plan import (
     Plan,
@@ -29,6 +28,7 @@ from vmexec.providers.ec2.plan import (
     check_regions,
     make_plan,
 )
+from vmexec.testing.faults import ApiCallCounter
 
 from aws_fixtures import MIXED, REGIONS, TEST_CIDR, launches, tagged
 

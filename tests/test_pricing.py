@@ -20,7 +20,7 @@ import pytest
 from botocore.awsrequest import AWSResponse
 
 from vmexec.guardrails.pricing import Price, PriceBook, bundled_table
-from vmexec.providers.ec2.errors import ApiCallCounter, FaultInjector, client_error
+from vmexec.testing.faults import ApiCallCounter, FaultInjector, client_error
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = bundled_table()

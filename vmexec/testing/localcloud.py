@@ -34,7 +34,7 @@ Owns, for one test module or benchmark (``LocalCloud``, a context manager):
   connection only when a tcp/22 rule admits the client as it dials: its public address,
   or, over a private address, its security group or private address), and a client
   that moves to another network (``move_client``: connections through the gates drop);
-* faults: API errors (``ApiFaults``: capacity per type / zone / region / spot, quotas,
+* faults: API errors (``vmexec.testing.faults.FaultInjector``: capacity per type / zone / region / spot, quotas,
   throttling bursts, as botocore handlers on the session, so they reach every client the
   provider makes from it), spot interruption notices, machines that die, sshds that never
   answer, boot scripts that fail.
@@ -90,6 +90,7 @@ import botocore.config
 import botocore.exceptions
 from moto.server import ThreadedMotoServer
 
+from vmexec.testing.faults import Fault, FaultInjector, LaunchTemplates
 from vmexec.testing.proxy import TCPProxy
 from vmexec.testing.fakevm import (
     BOOT_SLOT_SECONDS,
@@ -102,11 +103,14 @@ from vmexec.testing.fakevm import (
     stop_machines,
 )
 
-__all__ = ["LocalCloud", "ApiFaults", "Fault", "OffMachineRequestError", "build_wheelhouse",
-           "requirement_closure", "repack_installed", "remote_executor_options",
-           "FAKE_CREDENTIALS"]
+__all__ = ["LocalCloud", "FaultInjector", "ApiFaults", "Fault", "OffMachineRequestError",
+           "build_wheelhouse", "requirement_closure", "repack_installed",
+           "remote_executor_options", "FAKE_CREDENTIALS"]
 
 log = logging.getLogger(__name__)
+
+#: The fault injector's former name here (one injector serves every test now).
+ApiFaults = FaultInjector
 
 #: The credentials every local cloud uses (moto accepts any).
 FAKE_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing",
@@ -120,7 +124,6 @@ FLEET_TAG = "vmexec:fleet"
 
 _LAUNCH_OPERATIONS = frozenset({"RunInstances", "CreateFleet", "TerminateInstances",
                                 "StopInstances", "StartInstances", "RequestSpotInstances"})
-_CAPACITY_OPERATIONS = ("RunInstances", "CreateFleet")
 _GONE_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
 # The cloud open in this process (at most one: moto's backends are process-wide).
 _OPEN: list["LocalCloud"] = []
@@ -134,371 +137,6 @@ class OffMachineRequestError(RuntimeError):
 
 
 @dataclasses.dataclass
-class Fault:
-    """One injected API error. Returned by the fault methods; ``remove()`` ends it.
-
-    Attributes:
-        code: the AWS error code (``InsufficientInstanceCapacity``, ...).
-        operations: the API operations it applies to.
-        region, zone, instance_type: None matches any.
-        spot: True only spot requests, False only on-demand, None both.
-        remaining: how many more API calls it fails (None: every one).
-        hits: how many calls it failed so far.
-    """
-
-    code: str
-    message: str
-    operations: frozenset[str]
-    status: int = 400
-    region: Optional[str] = None
-    zone: Optional[str] = None
-    instance_type: Optional[str] = None
-    spot: Optional[bool] = None
-    remaining: Optional[int] = None
-    hits: int = 0
-    capacity: bool = False
-    _owner: Optional["ApiFaults"] = dataclasses.field(default=None, repr=False)
-
-    def remove(self) -> None:
-        """Stop injecting this fault."""
-        if self._owner is not None:
-            self._owner.remove(self)
-
-    def matches_pool(self, instance_type: Optional[str], zone: Optional[str],
-                     spot: bool) -> bool:
-        """Whether a launch of ``instance_type`` in ``zone`` (spot or not) hits this fault."""
-        if self.instance_type is not None and instance_type != self.instance_type:
-            return False
-        # A launch that names no zone lets AWS pick one with capacity.
-        if self.zone is not None and zone != self.zone:
-            return False
-        return self.spot is None or self.spot == spot
-
-
-class _LaunchTemplates:
-    """Launch template data by (region, template, version), read once per numbered version.
-
-    Args:
-        lookup: ``region -> EC2 client`` to read them with (one without faults).
-    """
-
-    def __init__(self, lookup: Callable[[str], Any]) -> None:
-        self._lookup = lookup
-        self._lock = threading.Lock()
-        self._cache: dict[tuple[str, str, str], dict[str, Any]] = {}
-
-    def data(self, region: str, spec: dict[str, Any]) -> dict[str, Any]:
-        """The data of the template version ``spec`` names ({} when none or unreadable).
-
-        Args:
-            region: where the template is.
-            spec: a ``LaunchTemplateSpecification`` (``LaunchTemplateId`` or
-                ``LaunchTemplateName``, optional ``Version``: ``$Default`` when absent).
-        """
-        ident = spec.get("LaunchTemplateId") or spec.get("LaunchTemplateName")
-        if not ident:
-            return {}
-        version = str(spec.get("Version") or "$Default")
-        key = (region, str(ident), version)
-        with self._lock:
-            if key in self._cache:
-                return self._cache[key]
-        args: dict[str, Any] = {"Versions": [version]}
-        if spec.get("LaunchTemplateId"):
-            args["LaunchTemplateId"] = spec["LaunchTemplateId"]
-        else:
-            args["LaunchTemplateName"] = spec["LaunchTemplateName"]
-        try:
-            versions = self._lookup(region).describe_launch_template_versions(**args)
-            data = versions["LaunchTemplateVersions"][0]["LaunchTemplateData"]
-        except (botocore.exceptions.ClientError, IndexError, KeyError) as exc:
-            log.debug("launch template %s not readable: %s", ident, exc)
-            data = {}
-        # A numbered version never changes; $Latest and $Default move.
-        if version not in ("$Latest", "$Default"):
-            with self._lock:
-                self._cache[key] = data
-        return data
-
-
-class ApiFaults:
-    """EC2 API errors injected into every client of a boto3 session (botocore events).
-
-    Register it on a session before the clients are made (they copy the session's
-    handlers); faults added later still apply, as the handlers read the live list.
-    Usable on its own, e.g. with moto's in-process ``mock_aws``.
-
-    Args:
-        session: the ``boto3.Session`` whose clients get the faults.
-        lookup: ``region -> EC2 client`` without faults, to read launch templates and
-            subnets that requests refer to.
-        url: the endpoint named in synthesized responses.
-    """
-
-    def __init__(self, session: boto3.Session, lookup: Callable[[str], Any],
-                 url: str = "") -> None:
-        self._lookup = lookup
-        self._url = url
-        self._lock = threading.Lock()
-        self._faults: list[Fault] = []
-        self._templates = _LaunchTemplates(lookup)
-        self._subnet_zones: dict[tuple[str, str], str] = {}
-        events = session.events
-        events.register("before-parameter-build.ec2.CreateFleet", self._fleet_params)
-        events.register("before-call.ec2", self._before_call)
-        events.register("after-call.ec2.CreateFleet", self._fleet_errors)
-
-    @property
-    def faults(self) -> list[Fault]:
-        """The faults in force."""
-        with self._lock:
-            return list(self._faults)
-
-    def capacity_error(self, *, instance_type: Optional[str] = None,
-                       zone: Optional[str] = None, region: Optional[str] = None,
-                       spot: Optional[bool] = None,
-                       code: str = "InsufficientInstanceCapacity",
-                       times: Optional[int] = None) -> Fault:
-        """Make launches of a type / zone / region (spot or not) fail for lack of capacity.
-
-        ``RunInstances`` fails with ``code``; ``CreateFleet`` (type instant) leaves the
-        matching pools out and reports them in the response's ``Errors``, as EC2 does,
-        launching from the remaining pools.
-
-        Args:
-            instance_type, zone, region: what is short (None: any).
-            spot: True only spot, False only on-demand, None both.
-            code: e.g. ``InsufficientInstanceCapacity``, ``Unsupported``,
-                ``SpotMaxPriceTooLow``, ``InsufficientCapacityOnHost``.
-            times: how many launch calls it affects (None: until removed).
-
-        Returns:
-            The ``Fault`` (``remove()`` ends it; ``hits`` counts affected calls).
-        """
-        message = (f"We currently do not have sufficient {instance_type or 'instance'} "
-                   f"capacity in the Availability Zone you requested "
-                   f"({zone or region or 'any'}). (injected by LocalCloud)")
-        return self._add(Fault(code=code, message=message,
-                               operations=frozenset(_CAPACITY_OPERATIONS),
-                               region=region, zone=zone, instance_type=instance_type,
-                               spot=spot, remaining=times, capacity=True))
-
-    def api_error(self, code: str, *, operations: Iterable[str] = _CAPACITY_OPERATIONS,
-                  region: Optional[str] = None, message: str = "", status: int = 400,
-                  times: Optional[int] = None) -> Fault:
-        """Make API calls fail with ``code`` (e.g. ``VcpuLimitExceeded`` for a quota).
-
-        Args:
-            code: the AWS error code.
-            operations: the operations it applies to (e.g. ``["RunInstances"]``).
-            region: only this region (None: all).
-            message: the error message (a sensible default names the code).
-            status: the HTTP status.
-            times: how many calls it fails (None: until removed).
-
-        Returns:
-            The ``Fault``.
-        """
-        return self._add(Fault(
-            code=code, message=message or f"{code} (injected by LocalCloud)",
-            operations=frozenset(operations), status=status, region=region,
-            remaining=times))
-
-    def throttle(self, count: int, *, operations: Optional[Iterable[str]] = None,
-                 region: Optional[str] = None, code: str = "RequestLimitExceeded") -> Fault:
-        """The next ``count`` matching calls fail with ``RequestLimitExceeded`` (HTTP 503).
-
-        The error is returned before botocore's own retries, so the caller's retry policy
-        sees every one of them.
-
-        Args:
-            count: how many calls to refuse, then calls succeed again.
-            operations: only these operations (None: every EC2 operation).
-            region: only this region (None: all).
-            code: ``RequestLimitExceeded`` or ``Throttling``.
-
-        Returns:
-            The ``Fault``.
-        """
-        return self._add(Fault(
-            code=code, message="Request limit exceeded. (injected by LocalCloud)",
-            operations=frozenset(operations or ()), status=503, region=region,
-            remaining=count))
-
-    def remove(self, fault: Fault) -> None:
-        """Stop injecting ``fault``."""
-        with self._lock:
-            if fault in self._faults:
-                self._faults.remove(fault)
-
-    def clear(self) -> None:
-        """Remove every fault."""
-        with self._lock:
-            self._faults.clear()
-
-    # --- handlers --------------------------------------------------------------------
-
-    def _add(self, fault: Fault) -> Fault:
-        fault._owner = self
-        with self._lock:
-            self._faults.append(fault)
-        return fault
-
-    def _take(self, fault: Fault) -> bool:
-        """Count one hit of ``fault``; False once it is used up. Lock held by caller."""
-        if fault.remaining is not None:
-            if fault.remaining <= 0:
-                return False
-            fault.remaining -= 1
-            if fault.remaining == 0:
-                self._faults.remove(fault)
-        fault.hits += 1
-        return True
-
-    def _before_call(self, model: Any, params: dict[str, Any], context: dict[str, Any],
-                     **_: Any) -> Optional[tuple[Any, dict[str, Any]]]:
-        """``before-call``: answer with an injected error instead of calling AWS."""
-        operation = model.name
-        region = _region_of(context)
-        if operation == "CreateFleet":
-            if context.get("localcloud_fleet_empty"):
-                return self._synthesize(200, {
-                    "FleetId": f"fleet-{uuid.uuid4()}", "Instances": [],
-                    "Errors": context.get("localcloud_fleet_errors", [])})
-            capacity_ok = True  # pools were handled in _fleet_params
-        else:
-            capacity_ok = False
-        given = params.get("body")
-        body: dict[str, Any] = given if isinstance(given, dict) else {}
-        pool: Optional[tuple[Optional[str], Optional[str], bool]] = None
-        with self._lock:
-            faults = list(self._faults)
-        for fault in faults:
-            if fault.operations and operation not in fault.operations:
-                continue
-            if fault.region is not None and fault.region != region:
-                continue
-            if fault.capacity:
-                if capacity_ok:
-                    continue
-                if pool is None:
-                    pool = self._run_instances_pool(region, body)
-                if not fault.matches_pool(*pool):
-                    continue
-            with self._lock:
-                if not self._take(fault):
-                    continue
-            log.info("injecting %s into %s in %s", fault.code, operation, region)
-            return self._synthesize(fault.status, {
-                "Error": {"Code": fault.code, "Message": fault.message}})
-        return None
-
-    def _fleet_params(self, params: dict[str, Any], context: dict[str, Any],
-                      **_: Any) -> None:
-        """``before-parameter-build`` for CreateFleet: drop the pools a capacity fault
-        covers and remember them as the fleet's ``Errors``, as EC2 reports them."""
-        region = _region_of(context)
-        with self._lock:
-            faults = [f for f in self._faults if f.capacity
-                      and "CreateFleet" in f.operations
-                      and (f.region is None or f.region == region)]
-        if not faults:
-            return
-        target = params.get("TargetCapacitySpecification", {})
-        spot = target.get("DefaultTargetCapacityType") == "spot"
-        lifecycle = "spot" if spot else "on-demand"
-        errors: list[dict[str, Any]] = []
-        kept_configs = []
-        used: set[int] = set()
-        for config in params.get("LaunchTemplateConfigs", []):
-            spec = config.get("LaunchTemplateSpecification", {})
-            data = self._templates.data(region, spec)
-            overrides = config.get("Overrides") or [{}]
-            kept = []
-            for override in overrides:
-                instance_type = override.get("InstanceType") or data.get("InstanceType")
-                zone = override.get("AvailabilityZone") or self._zone_of_subnet(
-                    region, override.get("SubnetId")) or _template_zone(data)
-                hit = next((f for f in faults if f.matches_pool(instance_type, zone, spot)),
-                           None)
-                if hit is None:
-                    kept.append(override)
-                    continue
-                used.add(id(hit))
-                errors.append({
-                    "LaunchTemplateAndOverrides": {"LaunchTemplateSpecification": spec,
-                                                   "Overrides": override},
-                    "Lifecycle": lifecycle, "ErrorCode": hit.code,
-                    "ErrorMessage": hit.message})
-            if kept and kept != overrides:
-                kept_configs.append({**config, "Overrides": kept})
-            elif kept:
-                kept_configs.append(config)
-        if not errors:
-            return
-        with self._lock:
-            taken = [f for f in faults if id(f) in used and self._take(f)]
-        if not taken:
-            return
-        context["localcloud_fleet_errors"] = errors
-        log.info("CreateFleet in %s: %d pool(s) without capacity (injected)", region,
-                 len(errors))
-        if kept_configs:
-            # A new list: the caller's own structures must not change under it.
-            params["LaunchTemplateConfigs"] = kept_configs
-        else:
-            context["localcloud_fleet_empty"] = True
-
-    def _fleet_errors(self, parsed: dict[str, Any], context: dict[str, Any],
-                    **_: Any) -> None:
-        """``after-call`` of CreateFleet: report the pools left out as the fleet's Errors."""
-        if context.get("localcloud_fleet_errors") and not context.get("localcloud_fleet_empty"):
-            parsed.setdefault("Errors", []).extend(context["localcloud_fleet_errors"])
-
-    def _synthesize(self, status: int, parsed: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        request_id = str(uuid.uuid4())
-        parsed["ResponseMetadata"] = {"RequestId": request_id, "HTTPStatusCode": status,
-                                      "HTTPHeaders": {}, "RetryAttempts": 0}
-        error = parsed.get("Error")
-        body = (f"<Response><Errors><Error><Code>{error['Code']}</Code><Message>"
-                f"{error['Message']}</Message></Error></Errors><RequestID>{request_id}"
-                f"</RequestID></Response>" if error else "").encode()
-        http = botocore.awsrequest.AWSResponse(self._url, status, {}, _RawBody(body))
-        return http, parsed
-
-    def _run_instances_pool(self, region: str, body: dict[str, Any]
-                            ) -> tuple[Optional[str], Optional[str], bool]:
-        """(instance type, zone, spot) of a RunInstances request's flattened params."""
-        spec = {k.split(".", 1)[1]: v for k, v in body.items() if k.startswith("LaunchTemplate.")}
-        data = self._templates.data(region, spec) if spec else {}
-        instance_type = body.get("InstanceType") or data.get("InstanceType")
-        subnet = body.get("SubnetId") or body.get("NetworkInterface.1.SubnetId")
-        zone = (body.get("Placement.AvailabilityZone") or self._zone_of_subnet(region, subnet)
-                or _template_zone(data))
-        if zone is None and data.get("NetworkInterfaces"):
-            zone = self._zone_of_subnet(region, data["NetworkInterfaces"][0].get("SubnetId"))
-        market = body.get("InstanceMarketOptions.MarketType") or \
-            data.get("InstanceMarketOptions", {}).get("MarketType")
-        return instance_type, zone, market == "spot"
-
-    def _zone_of_subnet(self, region: str, subnet: Optional[str]) -> Optional[str]:
-        if not subnet:
-            return None
-        with self._lock:
-            if (region, subnet) in self._subnet_zones:
-                return self._subnet_zones[(region, subnet)]
-        try:
-            found = self._lookup(region).describe_subnets(SubnetIds=[subnet])["Subnets"]
-        except botocore.exceptions.ClientError:
-            return None
-        zone = found[0]["AvailabilityZone"] if found else None
-        if zone:
-            with self._lock:
-                self._subnet_zones[(region, subnet)] = zone
-        return zone
-
-
-@dataclasses.dataclass
 class _Machine:
     """The harness's record of one instance and its fake VM."""
 
@@ -507,16 +145,6 @@ class _Machine:
     poweroff_at: Optional[float] = None
     reclaim_at: Optional[float] = None
     gone: bool = False
-
-
-class _RawBody:
-    """The ``raw`` of a synthesized ``AWSResponse`` (botocore reads ``stream()``)."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def stream(self, **_: Any) -> Iterator[bytes]:
-        yield self._data
 
 
 class LocalCloud:
@@ -551,7 +179,7 @@ class LocalCloud:
 
     Attributes:
         session: a ``boto3.Session`` with fake credentials, guarded and fault-injecting.
-        faults: the session's ``ApiFaults`` (``capacity_error`` & co. are shortcuts).
+        faults: the session's ``FaultInjector`` (``capacity_error`` & co. are shortcuts).
         endpoint_url: the moto server's URL.
         workdir: the cloud's directory (machines under ``workdir/vms/<instance id>``).
         index_url: the machines' PEP 503 index (``http://127.0.0.1:PORT/simple/``).
@@ -622,7 +250,7 @@ class LocalCloud:
         self._host: Optional[FakeVMHost] = None
         self._saved_env: dict[str, Optional[str]] = {}
         self._internal: dict[str, Any] = {}
-        self._templates = _LaunchTemplates(self.client)
+        self._templates = LaunchTemplates(self.client)
         # Instance id -> the launch template version CreateFleet launched it from.
         self._fleet_launches: dict[str, dict[str, str]] = {}
         self.api_calls: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -634,7 +262,7 @@ class LocalCloud:
         self.wheels: list[Path] = []
         self.session: boto3.Session = boto3.Session(region_name=self._default_region,
                                                     **FAKE_CREDENTIALS)
-        self.faults: ApiFaults  # made in start(), once the endpoint is known
+        self.faults: FaultInjector  # made in start(), once the endpoint is known
         self._harness_session = boto3.Session(region_name=self._default_region,
                                               **FAKE_CREDENTIALS)
         self._started = False
@@ -682,7 +310,7 @@ class LocalCloud:
         events.register("before-parameter-build", self._count_call)
         events.register("after-call.ec2", self._after_launch)
         events.register("after-call.ec2.DescribeInstances", self._public_addresses)
-        self.faults = ApiFaults(self.session, self.client, self.endpoint_url)
+        self.faults = FaultInjector(self.session, self.client, self.endpoint_url)
         # moto's backends are process-wide: start from an empty cloud.
         _reset_moto(self.endpoint_url)
         self.wheels = build_wheelhouse(self.workdir / "wheelhouse", self._extra_distributions,
@@ -1064,15 +692,15 @@ class LocalCloud:
     # --- faults --------------------------------------------------------------------------
 
     def capacity_error(self, **match: Any) -> Fault:
-        """Launches without capacity: ``ApiFaults.capacity_error`` on ``session``."""
+        """Launches without capacity: ``FaultInjector.capacity_error`` on ``session``."""
         return self.faults.capacity_error(**match)
 
     def api_error(self, code: str, **match: Any) -> Fault:
-        """Calls that fail with ``code``: ``ApiFaults.api_error`` on ``session``."""
+        """Calls that fail with ``code``: ``FaultInjector.api_error`` on ``session``."""
         return self.faults.api_error(code, **match)
 
     def throttle(self, count: int, **match: Any) -> Fault:
-        """A throttling burst: ``ApiFaults.throttle`` on ``session``."""
+        """A throttling burst: ``FaultInjector.throttle`` on ``session``."""
         return self.faults.throttle(count, **match)
 
     def clear_faults(self) -> None:
@@ -2143,11 +1771,6 @@ def _refused(url: str, endpoint_url: str) -> OffMachineRequestError:
 
 def _has_tag(resource: dict[str, Any], key: str) -> bool:
     return any(t.get("Key") == key for t in resource.get("Tags", []))
-
-
-def _template_zone(data: dict[str, Any]) -> Optional[str]:
-    zone = data.get("Placement", {}).get("AvailabilityZone")
-    return str(zone) if zone else None
 
 
 def _bindable(host: str, port: int) -> bool:
