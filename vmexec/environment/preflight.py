@@ -39,7 +39,7 @@ from vmexec.environment.spec import EnvSpec, iter_lines, normalize_name
 from vmexec.errors import ConfigError, EnvSyncError
 
 __all__ = ["Resolution", "preflight", "find_uv", "normalize_arch", "DEFAULT_MANYLINUX",
-           "clear_cache", "manylinux_for_images"]
+           "clear_cache", "manylinux_for_images", "index_options"]
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,9 @@ class Resolution:
                 f"Python {self.python}{extra}")
 
 
-def _index_options(index_url: Optional[str], find_links: Sequence[str]) -> list[str]:
+def index_options(index_url: Optional[str], find_links: Sequence[str]) -> list[str]:
+    """uv/pip's package index options: ``--index-url`` (or ``--no-index`` when only
+    ``find_links`` are given: offline, as on the machines), then each ``--find-links``."""
     options: list[str] = []
     if index_url:
         options += ["--index-url", index_url]
@@ -303,8 +305,8 @@ def preflight(spec: EnvSpec, platforms: Iterable[str] = ("x86_64", "aarch64"),
     if not archs:
         raise ConfigError("preflight needs at least one architecture")
     links = [find_links] if isinstance(find_links, str) else list(find_links or ())
-    index_options = _index_options(index_url, links)
-    index_key = " ".join(index_options)
+    options = index_options(index_url, links)
+    index_key = " ".join(options)
     lines = spec.requirement_lines()
     requirements = "".join(f"{line}\n" for line in lines)
     input_names = [re.split(r"[\s<>=!~;\[@]", line, 1)[0] for line in lines]
@@ -319,7 +321,7 @@ def preflight(spec: EnvSpec, platforms: Iterable[str] = ("x86_64", "aarch64"),
                     return _cache[key]
         if lines:
             lock, sdists = _compile(uv, requirements, arch, spec.python, manylinux,
-                                    index_options, input_names)
+                                    options, input_names)
         else:
             lock, sdists = "", []
         resolution = Resolution(arch=arch, platform=f"{arch}-manylinux_{manylinux}",
