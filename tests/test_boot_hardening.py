@@ -146,3 +146,27 @@ def test_no_checksummed_uv_fails_clearly(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "no uv on the image, and no checksummed uv" in done.stdout
     assert "use an image with uv on PATH (ami=)" in done.stdout
+
+
+# --- the scripts are package files (shellcheck-clean), the user-data their carrier -------
+
+def test_userdata_carries_the_package_scripts_within_the_limit() -> None:
+    from vmexec.providers.ec2.userdata import USERDATA_LIMIT, script_text
+
+    keys = FleetKeys("vmx-files")
+    try:
+        spec = BootSpec(fleet_id="vmx-files", client_public_key=keys.client_public,
+                        host_private_key=keys.host_private, host_public_key=keys.host_public,
+                        environment_script=script_text("prepare-ssh-install.sh"))
+        script = render_userdata(spec)
+    finally:
+        keys.remove()
+    # What the EC2 provider sends with environment sync leaves room for boot_env and
+    # packages under EC2's 16 KiB.
+    assert len(script.encode()) < USERDATA_LIMIT - 6 * 1024
+    for name in ("boot.sh", "deadman.sh", "notice.sh"):
+        commands = [line for line in script_text(name).splitlines()
+                    if line.strip() and not line.lstrip().startswith("#")]
+        assert all(line in script.splitlines() for line in commands), name
+    # Values arrive as variables in the header, never formatted into the files.
+    assert "vmx-files" not in script.split("\nembedded_script()")[1]

@@ -115,6 +115,7 @@ from vmexec.providers.ec2.userdata import (
     named_fleet_directory,
     probe_command,
     render_userdata,
+    script_text,
 )
 from vmexec.transports.base import Transport
 from vmexec.transports.ssh import open_ssh_transport
@@ -551,7 +552,10 @@ class EC2Provider(Provider):
             heartbeat_grace=int(self.boot_timeout + 600),
             agent_grace=int(self.keepalive) if self.fleet_name else 300,
             max_lifetime=int(self.max_lifetime or DEFAULT_MAX_LIFETIME), env=self.boot_env,
-            environment_script=_PREPARE_FOR_SSH_INSTALL if self.environment else "",
+            # With environment sync the boot script only prepares; the install
+            # comes over SSH (connect).
+            environment_script=script_text("prepare-ssh-install.sh") if self.environment
+            else "",
         )
 
     def userdata(self) -> str:
@@ -1252,12 +1256,6 @@ def _default_address(record: MachineRecord) -> tuple[str, int]:
     return record.address, 22
 
 
-# With environment sync the boot script only prepares: it records which Python it found
-# and hands /opt/vmexec to the login user; the install itself comes over SSH.
-_PREPARE_FOR_SSH_INSTALL = "\n".join([
-    'echo "$PY" > "$STATE/python"',
-    'chown -R "$USER_NAME" "$R/opt/vmexec" || fail "cannot hand $R/opt/vmexec to $USER_NAME"',
-])
 _INSTALLED = "__VMEXEC_ENVIRONMENT_INSTALLED__"
 
 
