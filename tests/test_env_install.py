@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from vmexec.environment.capture import capture, source_tree_hash
+from vmexec.environment.capture import capture, environment_hash, source_tree_hash
 from vmexec.environment.install import (
     PreparedEnvironment,
     build_artifacts,
@@ -24,15 +24,9 @@ from vmexec.environment.install import (
     repack_installed,
 )
 from vmexec.environment.preflight import preflight
-from vmexec.environment.spec import (
-    Artifact,
-    Distribution,
-    EnvSpec,
-    check_skew,
-    environment_hash,
-    read_machine_hash,
-)
+from vmexec.environment.spec import Artifact, Distribution, EnvSpec
 from vmexec.errors import EnvSyncError
+from vmexec.skew import check_skew, read_machine_hash
 from vmexec.pickling import dumps_callable
 
 AGENT_PARTS = ("cloudpickle", "psutil")

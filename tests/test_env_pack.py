@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from vmexec.environment.capture import read_conda_records, resolve_environment
+from vmexec.environment.capture import environment_hash, read_conda_records, resolve_environment
 from vmexec.environment.install import build_artifacts, install_script
 from vmexec.environment.pack import check_conda_arch, pack_environment, unpack
-from vmexec.environment.spec import EnvSpec, read_machine_hash, environment_hash
+from vmexec.environment.spec import EnvSpec
 from vmexec.errors import ConfigError, EnvSyncError
+from vmexec.skew import read_machine_hash
 
 pytest.importorskip("conda_pack")
 

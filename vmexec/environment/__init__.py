@@ -14,6 +14,7 @@ The pipeline (client side, before any launch, then per region, then on each mach
                                                             writes opt/vmexec/env-hash)
       (too long for user-data: stage_script + bootstrap_script, a few lines)
     handshake: check_skew(environment_hash(spec), machine's read_machine_hash())
+                                                          (vmexec.skew, below the scheduler)
 
 Public names are re-exported here; ``stage`` (boto3) is imported on first use of its
 names only, so this package imports without the ``aws`` extra.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vmexec.environment.capture import capture, main, resolve_environment
+from vmexec.environment.capture import capture, environment_hash, main, resolve_environment
 from vmexec.environment.install import (
     PreparedEnvironment,
     bootstrap_script,
@@ -33,13 +34,8 @@ from vmexec.environment.install import (
 )
 from vmexec.environment.pack import check_conda_arch, pack_environment
 from vmexec.environment.preflight import Resolution, preflight
-from vmexec.environment.spec import (
-    Artifact,
-    EnvSpec,
-    check_skew,
-    environment_hash,
-    read_machine_hash,
-)
+from vmexec.environment.spec import Artifact, EnvSpec
+from vmexec.skew import check_skew, read_machine_hash
 
 __all__ = [
     "Artifact",

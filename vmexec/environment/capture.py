@@ -15,7 +15,8 @@ Owns the rules for *what the machines must have*:
 * the environment variables the user names (``env=`` / ``forward_env=``) — never AWS
   credentials: machines get their own role (``iam_instance_profile=``).
 
-Also ``resolve_environment`` (the ``environment=`` option: ``"auto"``, ``"conda-pack"``,
+Also ``environment_hash`` (the client's environment token for the handshake, checked
+against the machine's by ``vmexec.skew.check_skew``), ``resolve_environment`` (the ``environment=`` option: ``"auto"``, ``"conda-pack"``,
 a requirements file, a list of requirements, ``None``) and ``main(argv)`` for the
 ``vmexec env`` subcommand.
 
@@ -52,6 +53,7 @@ from vmexec.pickling import _installed_roots
 
 __all__ = [
     "capture",
+    "environment_hash",
     "resolve_environment",
     "installed_distributions",
     "find_local_code",
@@ -649,6 +651,21 @@ def read_requirements(path: str, _seen: Optional[set[str]] = None) -> list[str]:
         else:
             lines.append(line)
     return lines
+
+
+def environment_hash(spec: Optional[EnvSpec] = None) -> str:
+    """The environment token the client puts in its handshake.
+
+    ``"<content hash> <captured_at>"``: the hash decides equality; the capture time only
+    tells ``check_skew`` which side is older. The machine's install script writes the
+    same token to ``$VMEXEC_ROOT/opt/vmexec/env-hash``.
+
+    Args:
+        spec: the synced environment (default: ``capture()`` of this process).
+    """
+    if spec is None:
+        spec = capture()
+    return f"{spec.content_hash} {int(spec.captured_at)}"
 
 
 def resolve_environment(environment: Union[str, Sequence[str], None] = "auto", *,

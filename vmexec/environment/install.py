@@ -24,8 +24,8 @@ Owns:
 * ``prepare_environment(environment=..., archs=...)`` — capture/resolve, preflight and
   build in one call: what a provider does before its first launch.
 
-Imports the standard library and vmexec; ``vmexec.environment.pack`` (conda_pack) only
-in conda-pack mode. No boto3 (``stage.py`` turns artifacts into URLs).
+Imports the standard library and vmexec (``pack`` imports conda_pack only in conda-pack
+mode). No boto3 (``stage.py`` turns artifacts into URLs).
 """
 
 from __future__ import annotations
@@ -46,7 +46,13 @@ import tempfile
 import zipfile
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
-from vmexec.environment.capture import IGNORED_DIRS, GitIgnore, resolve_environment
+from vmexec.environment.capture import (
+    IGNORED_DIRS,
+    GitIgnore,
+    environment_hash,
+    resolve_environment,
+)
+from vmexec.environment.pack import check_conda_arch, conda_arch, pack_environment
 from vmexec.environment.preflight import (
     DEFAULT_MANYLINUX,
     Resolution,
@@ -60,7 +66,7 @@ from vmexec.environment.spec import (
     Distribution,
     EnvSpec,
     LocalCode,
-    environment_hash,
+    default_cache_dir,
 )
 from vmexec.errors import EnvSyncError
 
@@ -87,12 +93,6 @@ log = logging.getLogger(__name__)
 _FIXED_DATE = (1980, 1, 1, 0, 0, 0)
 _SOURCE_DATE_EPOCH = "315532800"
 BUILD_TIMEOUT = 900.0
-
-
-def default_cache_dir() -> str:
-    """``$XDG_CACHE_HOME/vmexec`` (``~/.cache/vmexec``): built wheels and packs."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "vmexec")
 
 
 # --- building -----------------------------------------------------------------------------
@@ -332,8 +332,6 @@ def build_artifacts(spec: EnvSpec, resolutions: Optional[Mapping[str, Resolution
     os.makedirs(workdir, exist_ok=True)
     artifacts: list[Artifact] = []
     if spec.mode == "conda-pack":
-        from vmexec.environment.pack import conda_arch, pack_environment
-
         pack_path = pack_environment(spec.conda_prefix, cache_dir=cache)
         artifacts.append(Artifact.from_file(pack_path, "pack", arch=conda_arch(spec)))
     elif resolutions:
@@ -748,8 +746,6 @@ def prepare_environment(environment: Union[str, Sequence[str], None] = "auto",
     targets = [normalize_arch(a) for a in archs]
     links = (find_links,) if isinstance(find_links, str) else tuple(find_links or ())
     if spec.mode == "conda-pack":
-        from vmexec.environment.pack import check_conda_arch
-
         check_conda_arch(spec, targets)
         resolutions: dict[str, Resolution] = {}
     else:

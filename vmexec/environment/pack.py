@@ -32,7 +32,7 @@ import tempfile
 from typing import Iterable, Optional
 
 from vmexec.environment.preflight import normalize_arch
-from vmexec.environment.spec import EnvSpec
+from vmexec.environment.spec import EnvSpec, default_cache_dir
 from vmexec.errors import ConfigError, EnvSyncError
 
 __all__ = ["conda_arch", "check_conda_arch", "pack_environment", "prefix_fingerprint",
@@ -129,8 +129,6 @@ def pack_environment(prefix: str, cache_dir: Optional[str] = None,
         raise ConfigError(f"{prefix} is not a conda environment (no conda-meta/): use "
                           "environment='auto'")
     if cache_dir is None:
-        from vmexec.environment.install import default_cache_dir
-
         cache_dir = default_cache_dir()
     fingerprint = prefix_fingerprint(prefix)
     packs = os.path.join(cache_dir, "packs")

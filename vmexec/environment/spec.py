@@ -9,18 +9,20 @@ Owns:
   machine installs — not over when or where it was captured;
 * ``Artifact`` — one file a machine fetches (a lock, a wheel, a pack), content-addressed
   by sha256;
-* the version-skew guard: ``environment_hash`` (the client's value for the handshake),
-  ``read_machine_hash`` (what a machine wrote at install time, under
-  ``$VMEXEC_ROOT/opt/vmexec/env-hash``) and ``check_skew``.
+* ``default_cache_dir()`` — where the client keeps built wheels and conda packs.
 
-Imports only the standard library and ``vmexec.errors``: the agent may import this
-module on a bare machine to read its environment hash.
+The version-skew guard (``check_skew``, ``read_machine_hash``, ``ENV_HASH_FILE``) lives
+in ``vmexec.skew``, below this package, so the scheduler can use it without importing
+the environment; it is re-exported here. ``environment_hash`` (the client's token)
+is in ``capture.py``: its default captures this process.
+
+Imports only the standard library, ``vmexec.errors`` and ``vmexec.skew``: the bottom of
+this package (every other module of it imports this one, and this one none of them).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import json
 import logging
@@ -30,6 +32,7 @@ import time
 from typing import Any, Iterable, Mapping, Optional
 
 from vmexec.errors import EnvSyncError
+from vmexec.skew import ENV_HASH_FILE, check_skew, read_machine_hash
 
 __all__ = [
     "Distribution",
@@ -40,18 +43,21 @@ __all__ = [
     "SPEC_VERSION",
     "ENV_HASH_FILE",
     "normalize_name",
-    "environment_hash",
     "read_machine_hash",
     "check_skew",
+    "default_cache_dir",
 ]
 
 log = logging.getLogger(__name__)
 
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/vmexec`` (``~/.cache/vmexec``): built wheels and packs."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vmexec")
+
+
 #: Bumped when the JSON layout changes incompatibly (``from_json`` refuses others).
 SPEC_VERSION = 1
-
-#: Where a machine records the hash of the environment it installed, under $VMEXEC_ROOT.
-ENV_HASH_FILE = "opt/vmexec/env-hash"
 
 #: Modes of an EnvSpec: what the machines install.
 MODES = ("auto", "requirements", "conda-pack")
@@ -391,97 +397,6 @@ class EnvSpec:
             return cls(**data)
         except (KeyError, TypeError, ValueError) as exc:
             raise EnvSyncError(f"not an environment spec: {exc}") from exc
-
-
-# --- the version-skew guard -----------------------------------------------------------
-
-def environment_hash(spec: Optional[EnvSpec] = None) -> str:
-    """The environment token the client puts in its handshake.
-
-    ``"<content hash> <captured_at>"``: the hash decides equality; the capture time only
-    tells ``check_skew`` which side is older. The machine's install script writes the
-    same token to ``$VMEXEC_ROOT/opt/vmexec/env-hash``.
-
-    Args:
-        spec: the synced environment (default: ``capture()`` of this process).
-    """
-    if spec is None:
-        from vmexec.environment.capture import capture  # capture imports this module
-
-        spec = capture()
-    return f"{spec.content_hash} {int(spec.captured_at)}"
-
-
-def read_machine_hash(root: Optional[str] = None) -> Optional[str]:
-    """The token a machine's install script wrote, or None (no synced environment).
-
-    Args:
-        root: the machine's root (default ``$VMEXEC_ROOT``, empty on a real machine).
-    """
-    base = os.environ.get("VMEXEC_ROOT", "") if root is None else root
-    path = os.path.join(base or "/", ENV_HASH_FILE)
-    try:
-        with open(path, encoding="ascii") as f:
-            return f.read().strip() or None
-    except FileNotFoundError:
-        return None
-
-
-def _split_token(token: str) -> tuple[str, Optional[float]]:
-    parts = token.split()
-    when: Optional[float] = None
-    if len(parts) > 1:
-        try:
-            when = float(parts[1])
-        except ValueError:
-            when = None
-    return (parts[0] if parts else ""), when
-
-
-def _when(stamp: Optional[float]) -> str:
-    if stamp is None:
-        return "at an unknown time"
-    return datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc).strftime(
-        "%Y-%m-%d %H:%M UTC")
-
-
-def check_skew(client_hash: Optional[str], machine_hash: Optional[str],
-               machine: str = "the machine") -> None:
-    """Refuse a machine whose installed environment is not the client's.
-
-    Both arguments are ``environment_hash()`` tokens. Nothing is checked when either
-    side has none (``environment=None``: the image is trusted to have everything).
-
-    Args:
-        client_hash: the client's token.
-        machine_hash: the token the machine reported (``read_machine_hash()``).
-        machine: the machine's label, for the message.
-
-    Raises:
-        EnvSyncError: the hashes differ; the message says which side is older and how
-            to rebuild.
-    """
-    if not client_hash or not machine_hash:
-        return
-    mine, my_time = _split_token(client_hash)
-    theirs, their_time = _split_token(machine_hash)
-    if mine == theirs:
-        return
-    if my_time is not None and their_time is not None and their_time > my_time:
-        stale = (f"this client's environment (captured {_when(my_time)}) is OLDER than the "
-                 f"one {machine} was installed from ({_when(their_time)}): another client "
-                 "re-synced the fleet. Update this environment to match (see `vmexec env` "
-                 "on the other client), or rebuild the machines from this one")
-    else:
-        stale = (f"{machine} is STALE: it was installed from an environment captured "
-                 f"{_when(their_time)}, and this client's environment (captured "
-                 f"{_when(my_time)}) has changed since (packages or local code)")
-    raise EnvSyncError(
-        f"environment skew: {machine} has environment {theirs[:16]}, this client "
-        f"{mine[:16]}; {stale}. Rebuild: terminate the named fleet's machines (`vmexec "
-        "cleanup`) and start again with environment='auto', which installs the current "
-        "environment; `vmexec env` shows what this client has. Pickled code would "
-        "otherwise fail on the machine with confusing import or unpickling errors")
 
 
 def iter_lines(text: str) -> Iterable[str]:
