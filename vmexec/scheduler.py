@@ -163,7 +163,7 @@ class MapItem(WorkItem):
     the user: ``map`` yields values.
     """
 
-    __slots__ = ("_state", "_value", "_error", "_call")
+    __slots__ = ("_state", "_value", "_error", "_call", "_waiters")
 
     def __init__(self, call: MapCall, digest: bytes, fn_bytes: bytes, call_bytes: bytes,
                  label: str) -> None:
@@ -173,6 +173,10 @@ class MapItem(WorkItem):
         self._state = _PENDING
         self._value: Any = None
         self._error: Optional[BaseException] = None
+        # Threads waiting in result() for this item. Items finish in any order across a
+        # fleet while map's iterator waits for the next one in order: only the item it
+        # waits for wakes it (a notify per finished item meant a wake-up per result).
+        self._waiters = 0
 
     def set_running_or_notify_cancel(self) -> bool:
         with self._call.cond:
@@ -190,7 +194,8 @@ class MapItem(WorkItem):
             if self._state in (_CANCELLED, _CANCELLED_NOTIFIED, _FINISHED):
                 raise InvalidStateError(f"map item {self.task_id} is already done")
             self._value, self._error, self._state = value, error, _FINISHED
-            cond.notify_all()
+            if self._waiters:
+                cond.notify_all()
 
     def set_result(self, value: Any) -> None:
         self._finish(value, None)
@@ -206,7 +211,8 @@ class MapItem(WorkItem):
                 return False
             if self._state == _PENDING:
                 self._state = _CANCELLED
-                self._call.cond.notify_all()
+                if self._waiters:
+                    self._call.cond.notify_all()
             return True
 
     def done(self) -> bool:
@@ -227,7 +233,11 @@ class MapItem(WorkItem):
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise FuturesTimeoutError()
-                    cond.wait(remaining)
+                    self._waiters += 1
+                    try:
+                        cond.wait(remaining)
+                    finally:
+                        self._waiters -= 1
                 if self._state != _FINISHED:
                     raise CancelledError()
             error = self._error
@@ -358,6 +368,10 @@ class Scheduler:
         # a machine joins or results free room, emptied lazily by the passes that find
         # a machine full: a pass costs what it hands out, not the size of the fleet.
         self._room: dict[Machine, None] = {}
+        # The subset of ``_room`` with an idle slot (fewer items in flight than slots):
+        # the first loop of a pass walks only these, so a pass costs what it hands out,
+        # not the size of a fleet whose windows are mostly busy.
+        self._free: dict[Machine, None] = {}
         self._holds_loop = False  # this scheduler keeps the I/O loop running
         self._helpers: set[threading.Thread] = set()
         self._pid = os.getpid()  # the process whose exit tears this fleet down
@@ -511,6 +525,8 @@ class Scheduler:
         """``machine``'s window may have room now (results came back, it joined)."""
         if machine.state == "ready":
             self._room[machine] = None
+            if len(machine.inflight) < machine.slots:
+                self._free[machine] = None
             self._changed = True
             if not self._pending:
                 self._wake.notify()  # an idle slot at the tail: maybe steal (rate-limited)
@@ -525,7 +541,7 @@ class Scheduler:
         """
         pending = self._pending
         self._changed = False
-        room = self._room
+        room, free_set = self._room, self._free
         if not pending or not room:
             return []
         assigned: dict[Machine, list[WorkItem]] = {}
@@ -546,20 +562,21 @@ class Scheduler:
                 inflight[item.task_id] = item
                 items.append(item)
                 count -= 1
+            if len(inflight) >= machine.slots:
+                free_set.pop(machine, None)
 
         # First fill free slots everywhere, a micro-batch each, so work spreads over
         # machines ...
         head = pending[0]
         per_slot = self._batch_size_locked(head) if head.batchable else 1
-        for machine in list(room):
-            if machine.state != "ready":
-                del room[machine]
-                continue
+        for machine in list(free_set):
             free = machine.slots - len(machine.inflight)
-            if free > 0:
-                give(machine, free * per_slot)
-                if not pending:
-                    break
+            if machine.state != "ready" or free <= 0:
+                del free_set[machine]
+                continue
+            give(machine, free * per_slot)
+            if not pending:
+                break
         # ... then top up windows with fair shares of what is left, each share at
         # least one micro-batch. Not while the next item is from a map whose run time
         # is still unknown: its first calls (one per free slot) are probes, and the
@@ -631,18 +648,32 @@ class Scheduler:
         if self._pending or now < self._steal_due or not self._room:
             return []
         self._steal_due = now + _STEAL_EVERY
-        if not any(m.state == "ready" and len(m.inflight) < m.slots for m in self._room):
+        if not any(m.state == "ready" and len(m.inflight) < m.slots for m in self._free):
             return []
         flush = []
         for machine in self._machines:
             if machine.state != "ready" or machine.releasing or \
                     len(machine.inflight) <= machine.slots or \
-                    (machine.avg_task_seconds or 0.0) < _STEAL_MIN_SECONDS:
+                    self._queued_seconds_locked(machine) < _STEAL_MIN_SECONDS:
                 continue
             machine.releasing = True
             if self._enqueue_locked(machine, [(Msg.RELEASE,)]):
                 flush.append(machine)
         return flush
+
+    @staticmethod
+    def _queued_seconds_locked(machine: Machine) -> float:
+        """How long one of the tasks queued last on ``machine`` is expected to take.
+
+        A map's own measurement when the last item handed out belongs to one (the
+        machine's average mixes in earlier work: after an hour of 1 s tasks, a map of
+        1 ms tasks must not be stolen back and forth), else the machine's average.
+        """
+        if machine.inflight:
+            last = next(reversed(machine.inflight.values()))
+            if isinstance(last, MapItem) and last._call.seconds is not None:
+                return last._call.seconds
+        return machine.avg_task_seconds or 0.0
 
     def _batch_size_locked(self, item: WorkItem) -> int:
         """Map items per micro-batch: about ``_BATCH_SECONDS`` of measured work.
