@@ -83,7 +83,6 @@ from vmexec.transports.base import Transport
 logger = logging.getLogger("vmexec.scheduler")
 cost_logger = logging.getLogger("vmexec.cost")
 
-_READ_SIZE = 1 << 20
 _MAX_EXTRA_WINDOW = 4096
 # Callables cached per machine before the least recently sent unused ones are dropped:
 # submit(partial(f, big_array)) in a loop must not keep every array alive on the machine.

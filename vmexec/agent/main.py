@@ -42,12 +42,11 @@ from typing import Any, Deque, Optional
 
 from vmexec import protocol
 from vmexec.agent.worker import run_worker
-from vmexec.protocol import FrameReader, Msg, decode, encode_frame
+from vmexec.protocol import READ_SIZE, FrameReader, Msg, decode, encode_frame
 
 #: Overridable in tests that need an agent which claims another Python version.
 PYTHON_VERSION = tuple(sys.version_info[:3])
 
-_READ_SIZE = 1 << 20
 # When a worker's recent tasks are this short, it is handed several at once so it
 # never waits for the next one; longer tasks get one at a time, so that a long task
 # never holds a short one hostage while another worker idles.
@@ -263,7 +262,7 @@ class Agent:
     def _read_handshake(self) -> bytes:
         """Blocking read of the client's first frame; later frames stay queued."""
         while True:
-            data = os.read(self.stdin_fd, _READ_SIZE)
+            data = os.read(self.stdin_fd, READ_SIZE)
             if not data:
                 raise EOFError("client closed the stream during the handshake")
             frames = self.reader.feed(data)
@@ -451,7 +450,7 @@ class Agent:
     # -- results from workers -------------------------------------------------------
     def _on_worker_result(self, worker: _Worker) -> None:
         try:
-            data = os.read(worker.result_r, _READ_SIZE)
+            data = os.read(worker.result_r, READ_SIZE)
         except InterruptedError:
             return
         except OSError:
@@ -579,7 +578,7 @@ class Agent:
     # -- messages from the client ---------------------------------------------------
     def _on_client_data(self) -> bool:
         try:
-            data = os.read(self.stdin_fd, _READ_SIZE)
+            data = os.read(self.stdin_fd, READ_SIZE)
         except InterruptedError:
             return True
         if not data:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from vmexec.protocol import FrameReader, Msg, decode, dumps_value, encode_frame
+from vmexec.protocol import READ_SIZE, FrameReader, Msg, decode, dumps_value, encode_frame
 
 # A result shorter than this is held back while more tasks of the same batch are
 # waiting, so that a burst of trivial tasks goes back in one frame instead of one
@@ -129,7 +129,7 @@ def run_worker(
     done = 0
     while max_tasks is None or done < max_tasks:
         try:
-            data = os.read(task_fd, 1 << 20)
+            data = os.read(task_fd, READ_SIZE)
         except InterruptedError:
             continue
         if not data:

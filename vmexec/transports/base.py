@@ -14,6 +14,8 @@ import abc
 import threading
 from typing import Callable, Optional
 
+from vmexec.protocol import READ_SIZE
+
 
 class Transport(abc.ABC):
     """A blocking byte stream to an agent process.
@@ -55,7 +57,7 @@ class Transport(abc.ABC):
             reason = "the agent closed the connection"
             try:
                 while True:
-                    data = self.read(1 << 20)
+                    data = self.read(READ_SIZE)
                     if not data:
                         break
                     on_data(data)
