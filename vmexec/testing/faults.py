@@ -308,7 +308,7 @@ class FaultInjector:
                       **_: Any) -> None:
         """``before-parameter-build``: decide which fault, if any, answers this call."""
         operation = model.name
-        region = _region_of(context)
+        region = region_of(context)
         if operation == "CreateFleet":
             self._fleet(params, region, context)
             return
@@ -400,7 +400,7 @@ class FaultInjector:
         fault = context.get("vmexec_fault")
         if fault is not None:
             log.info("injecting %s into %s in %s", fault.code, model.name,
-                     _region_of(context))
+                     region_of(context))
             return self._synthesize(fault.status, {
                 "Error": {"Code": fault.code, "Message": fault.message}})
         if context.get("vmexec_fleet_empty"):
@@ -462,7 +462,7 @@ class FaultInjector:
 
     def _learn_subnets(self, parsed: dict[str, Any], context: dict[str, Any],
                        **_: Any) -> None:
-        region = _region_of(context)
+        region = region_of(context)
         with self._lock:
             for subnet in parsed.get("Subnets", []):
                 self._subnet_zones[(region, subnet["SubnetId"])] = subnet["AvailabilityZone"]
@@ -595,7 +595,7 @@ def _emitter(target: Any) -> Any:
                     "boto3.Session, a client or an event emitter")
 
 
-def _region_of(context: dict[str, Any]) -> str:
+def region_of(context: dict[str, Any]) -> str:
     return str(context.get("client_region") or "")
 
 
