@@ -149,6 +149,46 @@ def test_cat_echoes_bytes(sshd: SSHServer) -> None:
 
 
 @pytest.mark.ssh
+def test_event_loop_transport_sends_one_packet_per_write(sshd: SSHServer) -> None:
+    # asyncssh pads every packet with an empty SSH_MSG_IGNORE (a CBC countermeasure);
+    # vmexec's ciphers do not need it and OpenSSH's server echoes fine without it: a
+    # frame costs one encrypted packet and one socket write, not two.
+    from vmexec.providers.ssh import parse_host
+    from vmexec.transports import aio
+    from vmexec.transports.ssh_async import open_async_ssh
+
+    user, host, port = parse_host(sshd.host_string)
+    aio.hold()
+    try:
+        t = aio.run(open_async_ssh(host, port, user, key_filename=sshd.client_key,
+                                   known_hosts=sshd.known_hosts, timeout=PROMPT,
+                                   command="cat")).result(PROMPT)
+        received: list[bytes] = []
+        got = threading.Event()
+
+        def on_data(data: bytes) -> None:
+            received.append(data)
+            if sum(map(len, received)) >= 5 * 6:
+                got.set()
+
+        t.start(on_data, lambda reason: got.set())
+        socket_transport = t._conn._transport
+        plain_write = socket_transport.write
+        writes: list[int] = []
+        socket_transport.write = lambda data: (writes.append(len(data)), plain_write(data))
+        for i in range(5):
+            t.write(b"frame%d" % i)
+            time.sleep(0.05)  # one packet each: writes in a row would be coalesced
+        assert got.wait(PROMPT)
+        assert b"".join(received) == b"frame0frame1frame2frame3frame4"
+        assert len(writes) == 5, writes
+        t.close()
+        t.join(PROMPT)
+    finally:
+        aio.release()
+
+
+@pytest.mark.ssh
 def test_python_command_streams_and_diagnostics(sshd: SSHServer) -> None:
     code = (
         "import sys; line = sys.stdin.readline(); sys.stdout.write(line.upper()); "
