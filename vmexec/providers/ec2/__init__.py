@@ -58,12 +58,10 @@ import sys
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import boto3
-from botocore.config import Config
-from botocore.exceptions import ClientError, InvalidRegionError
+from botocore.exceptions import ClientError
 
 from vmexec import retry
 from vmexec.environment import PreparedEnvironment, prepare_environment
@@ -75,7 +73,7 @@ from vmexec.guardrails.budget import CostPlan, TeardownReport
 from vmexec.guardrails.pricing import PriceBook
 from vmexec.providers.base import MachineRecord, MachineState, Provider
 from vmexec.providers.ec2 import resources
-from vmexec.providers.ec2.errors import throttled
+from vmexec.providers.ec2.clients import ClientFactory, in_every_region
 from vmexec.providers.ec2.fleet import (
     InstanceWatcher,
     Launcher,
@@ -403,21 +401,14 @@ class EC2Provider(Provider):
                                         f"{resources.utc_now().isoformat(timespec='seconds')}"}
             self.tags[resources.TAG_CLIENT] = self.client_tag["Value"]
 
-        # -- clients (created here, in one thread: boto3 sessions are not thread-safe) --
-        # botocore retries twice at most (network hiccups); throttling beyond that goes
-        # to vmexec.retry's jittered backoff, which the logs show.
-        self._config = Config(retries={"mode": "standard", "total_max_attempts": 2},
-                              connect_timeout=10, read_timeout=120, max_pool_connections=50)
-        try:
-            self.clients = {r: RegionClients(r, self._client("ec2", r),
-                                             self._client("ssm", r)) for r in self.regions}
-            home_ec2 = self.clients[home].ec2 if home in self.clients else \
-                self._client("ec2", home)
-        except InvalidRegionError as exc:
-            raise ConfigError(f"regions: {exc}; use names like 'us-east-1'") from None
+        # -- clients: one factory (one config; throttling retried by every client) -----
+        self.aws = ClientFactory(session, endpoint_url)
+        self.clients = {r: RegionClients(r, self.aws.ec2(r), self.aws.ssm(r))
+                        for r in self.regions}
+        home_ec2 = self.aws.ec2(home)
         # Who owns what this fleet creates: the AWS identity (STS), which nobody can
         # claim for another, so that `vmexec cleanup` deletes only the caller's own.
-        self.owner = resources.caller_owner(self._client("sts", home))
+        self.owner = resources.caller_owner(self.aws.sts(home))
         self.tags[resources.TAG_OWNER] = self.owner
 
         # -- what AWS offers: validation and the plan (no resource is created) ---------
@@ -503,15 +494,8 @@ class EC2Provider(Provider):
         _register(self, handle_signals)
 
     # -- helpers for construction ---------------------------------------------------------
-    def _client(self, service: str, region: str) -> Any:
-        return self.session.client(service, region_name=region,
-                                   endpoint_url=self.endpoint_url, config=self._config)
-
     def _per_region(self, fn: Callable[[str], Any]) -> dict[str, Any]:
-        if len(self.regions) == 1:
-            return {self.regions[0]: fn(self.regions[0])}
-        with ThreadPoolExecutor(len(self.regions), "vmexec-ec2-describe") as pool:
-            return dict(zip(self.regions, pool.map(fn, self.regions)))
+        return in_every_region(fn, self.regions, name="vmexec-ec2-describe")
 
     def _price_plan(self) -> None:
         """Fill the plan's $/h from ``self.prices``: every line, regions in parallel."""
@@ -1093,8 +1077,7 @@ class EC2Provider(Provider):
 
     def _terminate_ids(self, region: str, ids: list[str]) -> None:
         try:
-            throttled(f"TerminateInstances in {region}",
-                      self.clients[region].ec2.terminate_instances, InstanceIds=ids)
+            self.clients[region].ec2.terminate_instances(InstanceIds=ids)
             log.info("%s: terminated %s", region, ", ".join(ids))
         except ClientError as exc:
             log.error("terminating %s in %s failed: %s; the fleet's teardown (or `vmexec "

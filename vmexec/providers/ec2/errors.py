@@ -8,7 +8,7 @@ capacity, quota, throttling, or something else?) and, when it must reach the use
     code                                   kind        what the provider does
     InsufficientInstanceCapacity, ...      capacity    fall back: zone, type, region, on-demand
     VcpuLimitExceeded, ...                 quota       stop; QuotaError names the quota
-    RequestLimitExceeded, Throttling, ...  throttling  retried (vmexec.retry.throttling)
+    RequestLimitExceeded, Throttling, ...  throttling  retried by every client (clients.py)
     AuthFailure, UnauthorizedOperation...  config      ConfigError: credentials/permissions
     anything else                          other       VMExecError with the AWS message
 
@@ -24,7 +24,6 @@ from typing import Any, Optional
 
 from botocore.exceptions import ClientError
 
-from vmexec import retry
 from vmexec.errors import CapacityError, ConfigError, QuotaError, VMExecError
 from vmexec.retry import THROTTLING_CODES, error_code
 
@@ -33,7 +32,6 @@ __all__ = [
     "QUOTA_CODES",
     "THROTTLING_CODES",
     "classify",
-    "throttled",
     "call",
     "translate",
     "quota_error",
@@ -93,19 +91,15 @@ def classify(code: Optional[str]) -> str:
     return "other"
 
 
-def throttled(what: str, fn: Any, **kwargs: Any) -> Any:
-    """``fn(**kwargs)``, retried while AWS throttles it (``vmexec.retry.throttling``)."""
-    return retry.throttling(what)(fn, **kwargs)
-
-
 def call(operation: str, region: Optional[str], fn: Any, **kwargs: Any) -> Any:
-    """``fn(**kwargs)`` with throttling retried and any other AWS error translated.
+    """``fn(**kwargs)`` with any AWS error translated (throttling was already retried
+    by the client: ``clients.RetryingClient``).
 
     Raises:
         ConfigError, QuotaError, CapacityError, VMExecError: see ``translate``.
     """
     try:
-        return throttled(f"{operation} in {region}", fn, **kwargs)
+        return fn(**kwargs)
     except ClientError as exc:
         raise translate(exc, operation=operation, region=region) from exc
 

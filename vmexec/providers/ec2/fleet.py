@@ -37,7 +37,6 @@ scheduler or the executor.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -50,6 +49,7 @@ from vmexec import retry
 from vmexec.errors import ConfigError, TransportError, VMExecError
 from vmexec.providers.base import MachineRecord, MachineState
 from vmexec.providers.ec2 import errors as ec2_errors
+from vmexec.providers.ec2.clients import in_every_region, retrying
 from vmexec.providers.ec2.images import ImageInfo
 from vmexec.providers.ec2.plan import Plan, RegionFacts, TypeInfo, machines_for
 
@@ -115,6 +115,7 @@ def describe_regions(ec2: Any) -> dict[str, str]:
     Raises:
         VMExecError/ConfigError: the call failed (credentials, permissions).
     """
+    ec2 = retrying(ec2)  # a client of the CLI too: its calls retry throttling
     answer = ec2_errors.call("DescribeRegions", ec2.meta.region_name, ec2.describe_regions,
                              AllRegions=True)
     return {r["RegionName"]: r.get("OptInStatus", "opt-in-not-required")
@@ -140,8 +141,7 @@ def describe_region(clients: RegionClients, instance_types: Sequence[str]) -> Re
         for start in range(0, len(instance_types), 100):
             chunk = list(instance_types[start:start + 100])
             try:
-                answer = ec2_errors.throttled(f"DescribeInstanceTypes in {region}",
-                               ec2.describe_instance_types, InstanceTypes=chunk)
+                answer = ec2.describe_instance_types(InstanceTypes=chunk)
             except ClientError as exc:
                 if retry.error_code(exc) != "InvalidInstanceType":
                     raise
@@ -149,8 +149,7 @@ def describe_region(clients: RegionClients, instance_types: Sequence[str]) -> Re
                 offered_names = _offered_type_names(ec2, region)
                 known = [t for t in chunk if t in offered_names]
                 unknown += [t for t in chunk if t not in offered_names]
-                answer = (ec2_errors.throttled(f"DescribeInstanceTypes in {region}",
-                                ec2.describe_instance_types, InstanceTypes=known)
+                answer = (ec2.describe_instance_types(InstanceTypes=known)
                           if known else {"InstanceTypes": []})
             for item in answer.get("InstanceTypes", []):
                 info = TypeInfo.from_api(item)
@@ -163,8 +162,8 @@ def describe_region(clients: RegionClients, instance_types: Sequence[str]) -> Re
                     Filters=[{"Name": "instance-type", "Values": sorted(types)}]):
                 for offer in page.get("InstanceTypeOfferings", []):
                     zones.setdefault(offer["InstanceType"], []).append(offer["Location"])
-        subnets_answer = ec2_errors.throttled(f"DescribeSubnets in {region}", ec2.describe_subnets,
-                               Filters=[{"Name": "default-for-az", "Values": ["true"]}])
+        subnets_answer = ec2.describe_subnets(
+            Filters=[{"Name": "default-for-az", "Values": ["true"]}])
     except ClientError as exc:
         raise ec2_errors.translate(exc, operation=exc.operation_name, region=region) from exc
     default_subnets = [s for s in subnets_answer.get("Subnets", [])
@@ -323,12 +322,7 @@ class Launcher:
                     with lock:
                         shortfalls[(region, instance_type)] = missing
 
-        if len(by_region) == 1:
-            run_region(next(iter(by_region)))
-        else:
-            with concurrent.futures.ThreadPoolExecutor(
-                    max_workers=len(by_region), thread_name_prefix="vmexec-ec2-launch") as pool:
-                list(pool.map(run_region, list(by_region)))
+        in_every_region(run_region, by_region, name="vmexec-ec2-launch")
         if errors:
             # A quota error explains more than whatever else failed meanwhile.
             errors.sort(key=lambda e: not isinstance(e, ec2_errors.QuotaError))
@@ -439,7 +433,7 @@ class Launcher:
             request["OnDemandOptions"] = {"AllocationStrategy": "prioritized"}
         ec2 = self.clients[group.region].ec2
         try:
-            answer = ec2_errors.throttled(f"CreateFleet in {group.region}", ec2.create_fleet, **request)
+            answer = ec2.create_fleet(**request)
         except ClientError as exc:
             code = retry.error_code(exc)
             kind = ec2_errors.classify(code)
@@ -635,8 +629,7 @@ class InstanceWatcher:
 
     def _describe(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         try:
-            answer = ec2_errors.throttled(f"DescribeInstances in {self.region}",
-                           self.ec2.describe_instances, InstanceIds=ids)
+            answer = self.ec2.describe_instances(InstanceIds=ids)
         except ClientError as exc:
             if retry.error_code(exc) != "InvalidInstanceID.NotFound":
                 raise

@@ -32,7 +32,7 @@ from botocore.exceptions import ClientError
 
 from vmexec import retry
 from vmexec.errors import ConfigError
-from vmexec.providers.ec2.errors import call, throttled, translate
+from vmexec.providers.ec2.errors import call, translate
 
 __all__ = ["ImageInfo", "AmiOption", "ssm_parameter", "validate_ami_option", "resolve_images",
            "check_root_volume"]
@@ -137,8 +137,7 @@ def resolve_images(
                 chosen[key] = (values[name], name)
     ids = sorted({image_id for image_id, _ in chosen.values()})
     try:
-        described = throttled(f"DescribeImages in {region}", ec2.describe_images,
-                              ImageIds=ids)
+        described = ec2.describe_images(ImageIds=ids)
     except ClientError as exc:
         if "InvalidAMIID" in (retry.error_code(exc) or ""):
             raise ConfigError(f"ami: {', '.join(ids)} not found in {region}: {exc}. Image ids "

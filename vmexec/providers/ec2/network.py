@@ -348,8 +348,7 @@ def _change(ec2: Any, region: str, operation: str, group_id: str,
     fn = (ec2.authorize_security_group_ingress if operation.startswith("Authorize")
           else ec2.revoke_security_group_ingress)
     try:
-        ec2_errors.throttled(f"{operation} in {region}", fn, GroupId=group_id,
-                             IpPermissions=permissions)
+        fn(GroupId=group_id, IpPermissions=permissions)
     except ClientError as exc:
         if retry.error_code(exc) in expected:
             return False

@@ -20,6 +20,10 @@ Owns:
   deletes exactly a list of resources a person saw (``vmexec cleanup``), never what a
   second query finds.
 
+The functions take boto3 EC2 clients (region -> client), the provider's or the CLI's;
+their calls retry throttling (``clients.retrying``) and regions run at once
+(``clients.in_every_region``).
+
 Imports boto3 error types; lives under ``providers/ec2``. Must not import the scheduler,
 the executor or the CLI.
 """
@@ -32,16 +36,17 @@ import datetime
 import getpass
 import ipaddress
 import logging
+import math
 import socket
-import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, WaiterError
 
 from vmexec import retry
 from vmexec.errors import ConfigError
 from vmexec.providers.ec2 import errors as ec2_errors
+from vmexec.providers.ec2.clients import in_every_region, retrying
 
 __all__ = [
     "TAG_FLEET",
@@ -88,6 +93,8 @@ KINDS = ("instance", "launch-template", "key-pair", "volume", "security-group")
 
 _LIVE_INSTANCE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
 _TERMINATE_CHUNK = 1000
+# Seconds between the instance_terminated waiter's polls (EC2 takes a minute or so).
+_WAIT_DELAY = 5
 _PAGE = 200
 
 
@@ -113,6 +120,7 @@ def caller_owner(sts: Any) -> str:
     Raises:
         ConfigError/VMExecError: STS refused (no valid credentials).
     """
+    sts = retrying(sts)  # a client of the CLI too: its calls retry throttling
     identity = ec2_errors.call("GetCallerIdentity", None, sts.get_caller_identity)
     return str(identity["Arn"])
 
@@ -229,9 +237,9 @@ def allow_ssh(ec2: Any, region: str, group_id: str, ssh_cidr: str) -> None:
         if network.version == 4 else
         {"Ipv6Ranges": [{"CidrIpv6": str(network), "Description": "vmexec client"}]})
     try:
-        ec2_errors.throttled(f"AuthorizeSecurityGroupIngress in {region}",
-              ec2.authorize_security_group_ingress, GroupId=group_id,
-              IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, **ranges}])
+        ec2.authorize_security_group_ingress(
+            GroupId=group_id,
+            IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, **ranges}])
     except ClientError as exc:
         if retry.error_code(exc) == "InvalidPermission.Duplicate":
             return
@@ -324,7 +332,7 @@ def create_launch_template(ec2: Any, region: str, *, fleet_id: str, data: Mappin
 def _delete_quietly(fn: Any, kind: str, rid: str, **kwargs: Any) -> None:
     """Best-effort delete during cleanup of a failed creation; failures are logged."""
     try:
-        ec2_errors.throttled(f"delete {kind} {rid}", fn, **kwargs)
+        fn(**kwargs)
     except ClientError as exc:
         log.warning("could not delete %s %s while undoing a failed step: %s; `vmexec "
                     "cleanup` will find it by tag", kind, rid, exc)
@@ -399,6 +407,7 @@ def find_resources(ec2: Any, region: str, *, fleet: Optional[str] = None,
     Raises:
         VMExecError/ConfigError: a describe call failed.
     """
+    ec2 = retrying(ec2)
     tag_filter = ({"Name": f"tag:{TAG_FLEET}", "Values": [fleet]} if fleet else
                   {"Name": "tag-key", "Values": [TAG_FLEET]})
     found: list[Resource] = []
@@ -416,14 +425,12 @@ def find_resources(ec2: Any, region: str, *, fleet: Optional[str] = None,
                         item.get("State", {}).get("Name", ""), item.get("LaunchTime"),
                         f"{item.get('InstanceType', '')} "
                         f"{item.get('Placement', {}).get('AvailabilityZone', '')}".strip()))
-        templates = ec2_errors.throttled(f"DescribeLaunchTemplates in {region}",
-                          ec2.describe_launch_templates, Filters=[tag_filter])
+        templates = ec2.describe_launch_templates(Filters=[tag_filter])
         for item in templates.get("LaunchTemplates", []):
             found.append(_resource(region, "launch-template", item["LaunchTemplateId"], item,
                                    "available", item.get("CreateTime"),
                                    item.get("LaunchTemplateName", "")))
-        keys = ec2_errors.throttled(f"DescribeKeyPairs in {region}", ec2.describe_key_pairs,
-                     Filters=[tag_filter])
+        keys = ec2.describe_key_pairs(Filters=[tag_filter])
         for item in keys.get("KeyPairs", []):
             found.append(_resource(region, "key-pair", item.get("KeyPairId", item["KeyName"]),
                                    item, "available", item.get("CreateTime"),
@@ -455,19 +462,12 @@ def find_all(clients: Mapping[str, Any], *, fleet: Optional[str] = None,
     Raises:
         VMExecError/ConfigError: a region's describe calls failed.
     """
-    regions = list(clients)
-
-    def one(region: str) -> Any:
-        try:
-            return find_resources(clients[region], region, fleet=fleet, older_than=older_than)
-        except Exception as exc:  # re-raised below, in the caller's thread
-            return exc
-
     found: list[Resource] = []
-    for outcome in _in_parallel(one, regions):
-        if isinstance(outcome, BaseException):
-            raise outcome
-        found += outcome
+    for part in in_every_region(
+            lambda region: find_resources(clients[region], region, fleet=fleet,
+                                          older_than=older_than),
+            clients, name="vmexec-ec2-find").values():
+        found += part
     return found
 
 
@@ -505,34 +505,44 @@ def _is_gone(exc: BaseException) -> bool:
 
 def _wait_terminated(ec2: Any, region: str, ids: list[str], timeout: float,
                      clock: retry.Clock) -> list[str]:
-    """Poll until ``ids`` are terminated; return those that are not, after ``timeout``."""
+    """Wait for ``ids`` to be terminated (EC2's ``instance_terminated`` waiter); return
+    those still not terminated after ``timeout`` seconds."""
     deadline = clock.monotonic() + timeout
-    pending = list(ids)
-    pause = 1.0
-    while pending:
-        alive = []
-        for start in range(0, len(pending), _TERMINATE_CHUNK):
-            chunk = pending[start:start + _TERMINATE_CHUNK]
+    waiter = ec2.get_waiter("instance_terminated")
+    left: list[str] = []
+    for start in range(0, len(ids), _TERMINATE_CHUNK):
+        chunk = ids[start:start + _TERMINATE_CHUNK]
+        while chunk:
+            attempts = max(1, math.ceil((deadline - clock.monotonic()) / _WAIT_DELAY))
             try:
-                # Ask only for the ones not terminated yet: the answer shrinks to nothing
-                # instead of describing a thousand terminated instances on every poll.
-                answer = ec2_errors.throttled(f"DescribeInstances in {region}", ec2.describe_instances,
-                               InstanceIds=chunk,
-                               Filters=[{"Name": "instance-state-name",
-                                         "Values": _LIVE_INSTANCE_STATES}])
-            except ClientError as exc:
-                if _is_gone(exc):
-                    continue  # already forgotten by EC2: terminated long ago
-                raise
-            for reservation in answer.get("Reservations", []):
-                for item in reservation.get("Instances", []):
-                    alive.append(item["InstanceId"])
-        pending = alive
-        if not pending or clock.monotonic() >= deadline:
-            break
-        clock.sleep(pause)
-        pause = min(pause * 2, 10.0)
-    return pending
+                waiter.wait(InstanceIds=chunk,
+                            WaiterConfig={"Delay": _WAIT_DELAY, "MaxAttempts": attempts})
+                break
+            except WaiterError:
+                # Out of time, or an instance in a state the waiter calls a failure
+                # ('pending' or 'stopping' on its way down), or ids EC2 has forgotten.
+                chunk = _alive(ec2, chunk)
+            if chunk and clock.monotonic() >= deadline:
+                left += chunk
+                break
+            if chunk:
+                clock.sleep(_WAIT_DELAY)
+    return left
+
+
+def _alive(ec2: Any, ids: list[str]) -> list[str]:
+    """Those of ``ids`` not terminated yet (one call; none when EC2 forgot them)."""
+    try:
+        # Ask only for the ones not terminated: the answer shrinks to nothing.
+        answer = ec2.describe_instances(InstanceIds=ids,
+                                        Filters=[{"Name": "instance-state-name",
+                                                  "Values": _LIVE_INSTANCE_STATES}])
+    except ClientError as exc:
+        if _is_gone(exc):
+            return []  # already forgotten by EC2: terminated long ago
+        raise
+    return [item["InstanceId"] for reservation in answer.get("Reservations", [])
+            for item in reservation.get("Instances", [])]
 
 
 def delete_resources(ec2: Any, region: str, resources: Iterable[Resource], *,
@@ -550,6 +560,7 @@ def delete_resources(ec2: Any, region: str, resources: Iterable[Resource], *,
             gone" (what was deleted before stays deleted).
     """
     clock = clock or retry.current_clock()
+    ec2 = retrying(ec2)
     by_kind: dict[str, list[Resource]] = collections.defaultdict(list)
     for resource in resources:
         by_kind[resource.kind].append(resource)
@@ -558,8 +569,7 @@ def delete_resources(ec2: Any, region: str, resources: Iterable[Resource], *,
         instance_ids = [r.id for r in by_kind["instance"]]
         for start in range(0, len(instance_ids), _TERMINATE_CHUNK):
             chunk = instance_ids[start:start + _TERMINATE_CHUNK]
-            ec2_errors.throttled(f"TerminateInstances in {region}", ec2.terminate_instances,
-                  InstanceIds=chunk)
+            ec2.terminate_instances(InstanceIds=chunk)
             deleted["instance"] += len(chunk)
         if instance_ids:
             left = _wait_terminated(ec2, region, instance_ids, wait_timeout, clock)
@@ -591,7 +601,7 @@ def delete_resources(ec2: Any, region: str, resources: Iterable[Resource], *,
 def _delete(fn: Any, resource: Resource, **kwargs: Any) -> bool:
     """Delete one resource; False when it was already gone."""
     try:
-        ec2_errors.throttled(f"delete {resource.kind} {resource.id}", fn, **kwargs)
+        fn(**kwargs)
     except ClientError as exc:
         if _is_gone(exc):
             return False
@@ -681,34 +691,6 @@ def _clean_region(ec2: Any, region: str, fleet: Optional[str],
     return deleted, remaining
 
 
-def _in_parallel(fn: Callable[[str], Any], regions: list[str],
-                 name: str = "vmexec-ec2") -> list[Any]:
-    """``[fn(region) ...]`` with one thread per region.
-
-    Plain threads, not concurrent.futures: teardown also runs from ``atexit``, after
-    concurrent.futures refuses new work; where even a thread cannot start any more, the
-    region runs in this thread. ``fn`` must not raise.
-    """
-    results: list[Any] = [None] * len(regions)
-
-    def run(index: int) -> None:
-        results[index] = fn(regions[index])
-
-    threads = []
-    for index, region in enumerate(regions):
-        thread = threading.Thread(target=run, args=(index,), daemon=True,
-                                  name=f"{name}-{region}")
-        try:
-            thread.start()
-        except RuntimeError:  # "can't create new thread at interpreter shutdown"
-            run(index)
-            continue
-        threads.append(thread)
-    for thread in threads:
-        thread.join()
-    return results
-
-
 def _run_regions(clients: Mapping[str, Any], fleet: Optional[str],
                  older_than: Optional[datetime.timedelta],
                  extra: Mapping[str, Iterable[str]], clock: Optional[retry.Clock],
@@ -746,8 +728,8 @@ def _summarize(summary: TeardownSummary, one: Callable[[str], _RegionOutcome],
             return exc
 
     totals: collections.Counter[str] = collections.Counter()
-    for region, outcome in zip(summary.regions,
-                               _in_parallel(guarded, summary.regions, thread_name)):
+    for region, outcome in in_every_region(guarded, summary.regions,
+                                           name=thread_name).items():
         if isinstance(outcome, BaseException):
             summary.errors.append(f"{region}: {outcome}")
             continue
@@ -805,7 +787,7 @@ def keep_warm(clients: Mapping[str, Any], fleet_id: str, *,
     clock = clock or retry.current_clock()
 
     def one(region: str) -> _RegionOutcome:
-        ec2 = clients[region]
+        ec2 = retrying(clients[region])
         doomed = set(instance_ids.get(region, ()))
         found = find_resources(ec2, region, fleet=fleet_id)
         warm = [r for r in found if r.kind == "instance" and r.id not in doomed
@@ -858,7 +840,7 @@ def delete_listed(clients: Mapping[str, Any], listed: Iterable[Resource], *,
     clock = clock or retry.current_clock()
 
     def one(region: str) -> _RegionOutcome:
-        ec2 = clients[region]
+        ec2 = retrying(clients[region])
         mine = by_region[region]
         deleted = delete_resources(ec2, region, mine, clock=clock,
                                    dependency_timeout=dependency_timeout)
