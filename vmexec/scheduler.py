@@ -531,8 +531,11 @@ class Scheduler:
             if len(machine.inflight) < machine.slots:
                 self._free[machine] = None
             self._changed = True
-            if not self._pending:
-                self._wake.notify()  # an idle slot at the tail: maybe steal (rate-limited)
+            # An idle slot at the tail: maybe steal. Rate-limited, so only once the next
+            # check is due: waking the dispatcher for every result of a submit() loop
+            # costs each round trip a thread switch.
+            if not self._pending and time.monotonic() >= self._steal_due:
+                self._wake.notify()
 
     def _take_batches_locked(self) -> list[Machine]:
         """Move pending items into machine windows; return the machines to flush.
