@@ -386,6 +386,7 @@ class Scheduler:
         # Launch demand is a sum over machines: computed at most every _DEMAND_EVERY.
         self._demand_due = 0.0
         self._steal_due = 0.0
+        self._steal_armed = False  # the dispatcher sleeps until _steal_due (see above)
         self.released_total = 0  # queued tasks machines gave back (work stealing, notices)
         # An idle machine is pinged this often: well within its agent's watchdog and
         # within its dead-man switch's grace, which counts frames *received* from the
@@ -482,14 +483,19 @@ class Scheduler:
                     while not self._dispatch_needed_locked():
                         now = time.monotonic()
                         delay = next_heartbeat - now
+                        armed = False
                         if self._pending and not self._launching and \
                                 not self._provider_exhausted:
                             delay = min(delay, self._demand_due - now)
                         elif not self._pending and self._changed and self._room:
                             delay = min(delay, self._steal_due - now)
+                            armed = True
                         if delay <= 0:
                             break
+                        # Sleeping until the next steal check: results need not wake us.
+                        self._steal_armed = armed
                         self._wake.wait(delay)
+                        self._steal_armed = False
                     if self._broken is not None:
                         break
                     batches = self._take_batches_locked() + self._steal_locked()
@@ -531,10 +537,11 @@ class Scheduler:
             if len(machine.inflight) < machine.slots:
                 self._free[machine] = None
             self._changed = True
-            # An idle slot at the tail: maybe steal. Rate-limited, so only once the next
-            # check is due: waking the dispatcher for every result of a submit() loop
-            # costs each round trip a thread switch.
-            if not self._pending and time.monotonic() >= self._steal_due:
+            # An idle slot at the tail: maybe steal. Rate-limited: a dispatcher already
+            # sleeping until the next check is not woken (waking it for every result of
+            # a submit() loop cost each round trip a thread switch).
+            if not self._pending and (not self._steal_armed or
+                                      time.monotonic() >= self._steal_due):
                 self._wake.notify()
 
     def _take_batches_locked(self) -> list[Machine]:
