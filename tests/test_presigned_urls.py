@@ -124,16 +124,16 @@ def test_the_install_script_reaches_the_machine_on_stdin(
     ok = (f'vx_url="{url}"\n'
           f'for f in /proc/[0-9]*/cmdline; do tr "\\0" " " <"$f"; echo; done '
           f'>"$VMEXEC_ROOT/cmdlines"\n')
-    provider._install_script = lambda region: ok
-    provider._install_environment(record, ssh, 30.0)
+    provider._connector.install_script = lambda region: ok
+    provider._connector.install_environment(record, ssh, 30.0)
     assert "SECRET" not in commands[-1]
     snapshot = (tmp_path / "cmdlines").read_text()
     assert snapshot.strip() and "SECRET" not in snapshot
 
     failing = f'echo "curl: cannot fetch {url}"; exit 1\n'
-    provider._install_script = lambda region: failing
+    provider._connector.install_script = lambda region: failing
     with pytest.raises(Exception) as failure:
-        provider._install_environment(record, ssh, 30.0)
+        provider._connector.install_environment(record, ssh, 30.0)
     message = str(failure.value)
     assert "installing the environment failed" in message
     assert "SECRET" not in message and "x.whl?<redacted>" in message
