@@ -10,7 +10,12 @@
   user-data with its own root, loopback address and sshd, so that
   ``VMExecutor(provider="ec2", **cloud.executor_options())`` runs end to end offline;
   with fault injection (capacity, quotas, throttling, dead machines, silent sshds,
-  failed boots, spot notices).
+  failed boots, spot notices). Its parts: ``motoserver``, ``faults``, ``machines``,
+  ``network``, ``remote``, ``wheelhouse``; the fake VMs': ``fakevm``, ``vmhost``,
+  ``control``, ``processes`` (and their scripts under ``scripts/``).
+- ``vmexec.testing.faults``: ``FaultInjector`` and ``ApiCallCounter``, EC2 API errors
+  and call counts through botocore events on any ``boto3.Session`` (moto's
+  ``mock_aws`` included).
 
 Submodules are imported on demand: importing this package starts nothing and pulls in
 no optional dependency.

@@ -13,20 +13,18 @@ Owns, for each instance the local cloud hands it (``FakeVM``):
   fails at once, as on a machine without internet access);
 * the sshd (re)start that the script asks for (``$VMEXEC_SSHD_RELOAD``), with the host
   key the script installed under ``$VMEXEC_ROOT/etc/ssh`` and its ``authorized_keys``;
-* shims first on every ``PATH`` in the machine (``shutdown``, ``poweroff``, ``halt``,
-  ``reboot``, ``systemctl``, ``systemd-run``, ``sudo``, and the package managers
-  ``apt-get``, ``apt``, ``dnf``, ``yum``) so that a power-off becomes a request to the
-  harness and nothing reaches this computer's own init system or packages;
+* the shims first on every ``PATH`` in the machine (``vmexec.testing.vmhost``), so
+  that a power-off becomes a request to the harness;
 * faults: killing the machine (abruptly, or freezing it silently), replacing its sshd by
   a socket that never answers, breaking its Python so the boot script fails, writing a
   spot interruption notice;
-* stopping: every process of the machine is found (descendants of what the harness
-  started, and every process carrying the machine's ``VMEXEC_FAKEVM`` marker in its
-  environment, which catches daemonised ones) and killed.
+* stopping: every process of the machine is found and killed
+  (``vmexec.testing.processes``).
 
-Also owns ``ControlServer``: the Unix socket the shims talk to (``control_request`` is
-its client side, for other processes), and ``FakeVMHost``: the directories, shims and
-settings shared by every machine of one cloud.
+The parts it is made with are re-exported here: ``FakeVMHost`` (what every machine of
+one cloud shares, ``vmexec.testing.vmhost``), ``ControlServer`` / ``control_request``
+(the Unix socket the shims talk to, ``vmexec.testing.control``) and the process
+helpers (``vmexec.testing.processes``).
 
 Must not import: boto3, moto, paramiko, or vmexec's core (standard library and psutil
 only): this module knows nothing of clouds; ``vmexec.testing.localcloud`` maps instances
@@ -41,25 +39,23 @@ import logging
 import os
 import signal
 import socket
-import socketserver
-import stat
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Optional
 
 import psutil
 
-from vmexec.testing.sshd import (
-    COMMON_CONFIG,
-    config_ok,
-    find_sshd,
-    read_banner,
-    sshd_available,
-    tail,
+from vmexec.testing.control import ControlServer, control_request
+from vmexec.testing.processes import (
+    find_processes,
+    signal_all,
+    stop_machines,
+    stop_processes,
 )
+from vmexec.testing.sshd import COMMON_CONFIG, reap, tail, wait_banner
+from vmexec.testing.vmhost import MARKER_ENV, FakeVMError, FakeVMHost, keygen
 
 __all__ = [
     "FakeVM",
@@ -77,9 +73,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Environment variable that marks every process of a fake VM (value: the VM's marker).
-MARKER_ENV = "VMEXEC_FAKEVM"
-
 #: Where a fake VM's spot interruption notice appears, relative to its root (the agent
 #: reads ``$VMEXEC_ROOT`` + this; on EC2 the same JSON is served by the instance
 #: metadata service at ``/latest/meta-data/spot/instance-action``).
@@ -96,19 +89,8 @@ BOOT_SLOT_SECONDS = 120.0
 #: Seconds between SIGTERM and SIGKILL when a machine is terminated (an orderly shutdown).
 STOP_GRACE = 1.0
 
-# Commands that would act on the real computer if the script reached them: the shims
-# stand in for them on every PATH inside a fake VM.
-_SHIM_NAMES = ("shutdown", "poweroff", "halt", "reboot", "systemctl", "systemd-run", "sudo",
-               "apt-get", "apt", "dnf", "yum")
-# Commands a broken machine (fail_boot) lacks: whatever the boot script uses to make a
-# Python environment fails, so the script's own failure path runs.
-_BROKEN_NAMES = ("python", "python3", f"python3.{sys.version_info[1]}", "pip", "pip3", "uv")
 # An address nothing listens on: the machines' proxy, so the internet is unreachable.
 _NO_INTERNET_PROXY = "http://127.0.0.1:9"
-
-
-class FakeVMError(RuntimeError):
-    """A fake VM could not do what was asked (the message says why, with log tails)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,207 +115,6 @@ class VMSpec:
     shutdown_behavior: str = "terminate"
 
 
-# The program behind every shim. It runs with this interpreter in isolated mode (-I:
-# no PYTHON* variables, no user site) so a machine's broken Python cannot break it.
-_SHIM_SOURCE = r'''
-import json, os, socket, sys, time
-
-SOCKET = {socket!r}
-NAME = os.path.basename(sys.argv[0])
-ARGS = sys.argv[1:]
-
-
-def ask(command, *args):
-    """Send one request to the local cloud and exit with its verdict."""
-    request = {{"vm": os.environ.get({marker!r}, ""), "root": os.environ.get("VMEXEC_ROOT", ""),
-               "cmd": command, "args": list(args)}}
-    try:
-        with connect(time.monotonic() + 60) as s:
-            s.sendall(json.dumps(request).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        reply = json.loads(data or b"{{}}")
-    except (OSError, ValueError) as exc:
-        sys.stderr.write(f"fake VM: {{NAME}}: the local cloud did not answer: {{exc}}\n")
-        sys.exit(1)
-    if reply.get("error"):
-        sys.stderr.write(f"fake VM: {{NAME}}: {{reply['error']}}\n")
-        sys.exit(1)
-    if reply.get("message"):
-        sys.stdout.write(reply["message"] + "\n")
-    sys.exit(0)
-
-
-def connect(deadline):
-    """A connection to the local cloud; waits while its listen backlog is full (many
-    machines asking at once), which a socket with a timeout is told with EAGAIN at once."""
-    while True:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(max(1.0, deadline - time.monotonic()))
-        try:
-            s.connect(SOCKET)
-            return s
-        except BlockingIOError:
-            s.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def minutes(when):
-    """shutdown's TIME: now, +M, or hh:mm (taken as now: a test never waits for a clock)."""
-    if when.startswith("+") and when[1:].isdigit():
-        return int(when[1:]) * 60
-    return 0
-
-
-if NAME == "sudo":
-    # The fake VM runs everything as root already: drop sudo's options and run the rest.
-    args = list(ARGS)
-    while args and args[0].startswith("-"):
-        option = args.pop(0)
-        if option == "--":
-            break
-        if option in ("-u", "-g", "-C", "-h", "-p", "-U", "-r", "-t", "-T", "-D") and args:
-            args.pop(0)
-    if not args:
-        sys.exit(0)
-    os.execvp(args[0], args)
-elif NAME in ("poweroff", "halt"):
-    ask("poweroff")
-elif NAME == "reboot":
-    ask("reboot")
-elif NAME == "shutdown":
-    if "-c" in ARGS:
-        ask("cancel-poweroff")
-    if "-r" in ARGS or "--reboot" in ARGS:
-        ask("reboot")
-    times = [a for a in ARGS if not a.startswith("-")]
-    ask("poweroff", str(minutes(times[0]) if times else 60))
-elif NAME == "systemctl":
-    verbs = [a for a in ARGS if not a.startswith("-")]
-    if verbs and verbs[0] in ("poweroff", "halt"):
-        ask("poweroff")
-    restarts = ("restart", "reload", "start", "reload-or-restart", "try-restart")
-    if len(verbs) >= 2 and verbs[0] in restarts and verbs[1].split(".")[0] in ("ssh", "sshd"):
-        ask("sshd-reload")
-    sys.stderr.write(f"fake VM: systemctl {{' '.join(ARGS)}}: a fake VM runs no systemd\n")
-    sys.exit(1)
-elif NAME in ("apt-get", "apt", "dnf", "yum"):
-    # They would change this computer, not the machine: a fake VM has no package manager.
-    sys.stderr.write(f"fake VM: {{NAME}}: a fake VM installs no system packages\n")
-    sys.exit(1)
-elif NAME == "systemd-run":
-    sys.stderr.write("fake VM: systemd-run: a fake VM runs no systemd\n")
-    sys.exit(1)
-elif NAME == "fakevm-ctl" and ARGS:
-    ask(*ARGS)
-else:
-    sys.stderr.write(f"fake VM: unknown shim {{NAME}} {{ARGS}}\n")
-    sys.exit(2)
-'''
-
-_BROKEN_SOURCE = """#!/bin/sh
-echo "$(basename "$0"): cannot execute: this machine's Python is broken (fault injected by \
-LocalCloud.fail_boot)" >&2
-exit 127
-"""
-
-
-class FakeVMHost:
-    """What every fake VM of one local cloud shares: directories, shims, sshd settings.
-
-    Args:
-        workdir: the cloud's directory; machines live in ``workdir/vms/<id>``.
-        control_socket: path of the ``ControlServer`` socket the shims talk to.
-        marker_prefix: prefix of every machine's ``VMEXEC_FAKEVM`` marker, unique to this
-            cloud, so that stopping a machine never touches another cloud's processes.
-        distro_sshd: start an sshd with a throwaway host key at power-on (as a real
-            image does) until the boot script installs the pinned key.
-        extra_path: directories put on the machines' PATH after the shims and Python
-            (e.g. a directory holding ``uv``).
-
-    Raises:
-        FakeVMError: sshd or ssh-keygen is missing.
-    """
-
-    def __init__(self, workdir: Path, control_socket: str, marker_prefix: str, *,
-                 distro_sshd: bool = True, extra_path: Iterable[str] = (),
-                 machine_env: Optional[dict[str, str]] = None) -> None:
-        reason = sshd_available()
-        if reason is not None:
-            raise FakeVMError(reason)
-        self.workdir = workdir
-        self.control_socket = control_socket
-        self.marker_prefix = marker_prefix
-        self.distro_sshd = distro_sshd
-        self.sshd_path = find_sshd() or "sshd"
-        self.shim_dir = workdir / "bin"
-        self.python_dir = workdir / "python"
-        self.broken_dir = workdir / "broken"
-        self.extra_path = [str(p) for p in extra_path]
-        # Extra variables in every machine's sessions, e.g. a UV_CACHE_DIR shared by all
-        # machines to model an image whose package cache is already warm.
-        self.machine_env = dict(machine_env or {})
-        self.vms_dir = workdir / "vms"
-        for d in (self.shim_dir, self.python_dir, self.broken_dir, self.vms_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        self._write_shims()
-        # sshd refuses to run without its privilege-separation directory.
-        try:
-            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-        except PermissionError:
-            log.debug("cannot create /run/sshd (not root): sshd runs without privsep")
-        self.per_source_penalties = self._probe_penalties()
-
-    @property
-    def ctl(self) -> str:
-        """The shim that sends a request to the local cloud (``ctl sshd-reload`` ...)."""
-        return str(self.shim_dir / "fakevm-ctl")
-
-    def machine_path(self, broken: bool = False) -> str:
-        """The PATH inside a machine: shims, Python of this minor version, the system's."""
-        dirs = [str(self.broken_dir)] if broken else []
-        dirs += [str(self.shim_dir), str(self.python_dir), *self.extra_path,
-                 "/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbin", "/sbin"]
-        return ":".join(dirs)
-
-    def _write_shims(self) -> None:
-        # Scripts get a shebang line with this interpreter; -I keeps a machine's
-        # PYTHONPATH or broken site-packages from affecting the shim.
-        source = f"#!{_base_interpreter()} -I\n" + _SHIM_SOURCE.format(
-            socket=self.control_socket, marker=MARKER_ENV)
-        ctl = self.shim_dir / "fakevm-ctl"
-        ctl.write_text(source)
-        ctl.chmod(0o755)
-        for name in _SHIM_NAMES:
-            _symlink(ctl, self.shim_dir / name)
-        # A Python of the client's minor version, as the boot script expects to find.
-        python = _base_interpreter()
-        for name in ("python3", f"python3.{sys.version_info[1]}"):
-            _symlink(Path(python), self.python_dir / name)
-        broken = self.broken_dir / "broken-tool"
-        broken.write_text(_BROKEN_SOURCE)
-        broken.chmod(0o755)
-        for name in _BROKEN_NAMES:
-            _symlink(broken, self.broken_dir / name)
-
-    def _probe_penalties(self) -> bool:
-        # OpenSSH >= 9.8 penalises addresses whose logins fail (every client here comes
-        # from 127.0.0.1, and fault tests fail logins on purpose); older sshd rejects
-        # the option. Probe once per cloud, not once per machine.
-        probe = self.workdir / "sshd_probe_config"
-        key = self.workdir / "probe_host_key"
-        _keygen(key)
-        probe.write_text(f"HostKey {key}\nListenAddress 127.0.0.1\nPerSourcePenalties no\n")
-        try:
-            return config_ok(self.sshd_path, probe)
-        finally:
-            probe.unlink()
 
 
 class FakeVM:
@@ -452,7 +233,7 @@ class FakeVM:
                 self._open_blackhole()
             elif self.host.distro_sshd:
                 key = self.hostside / "distro_host_ed25519_key"
-                _keygen(key)
+                keygen(key)
                 self._start_sshd(key, wait=False)
             script = self.root / "var/lib/cloud/instance/user-data.txt"
             script.write_bytes(self.spec.user_data)
@@ -583,7 +364,7 @@ class FakeVM:
             procs = self.processes()
             if not silent:
                 self._close_blackhole()
-        count = _signal_all(procs, signal.SIGSTOP if silent else signal.SIGKILL)
+        count = signal_all(procs, signal.SIGSTOP if silent else signal.SIGKILL)
         if not silent:
             self.reap()
         log.info("fake VM %s %s (%d processes)", self.id, "frozen" if silent else "killed",
@@ -688,25 +469,14 @@ class FakeVM:
             self._wait_banner(proc, log_path)
 
     def _wait_banner(self, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-        deadline = time.monotonic() + SSHD_START_TIMEOUT
-        last = "no answer"
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise FakeVMError(
-                    f"sshd of {self.id} exited with status {proc.returncode}; its log says:\n"
-                    f"{tail(log_path.read_text(errors='replace'))}")
-            banner = read_banner(self.spec.host, self.spec.port,
-                                  max(0.05, deadline - time.monotonic()))
-            if isinstance(banner, bytes) and banner.startswith(b"SSH-"):
-                return
-            last = str(banner)
-            try:
-                # A short pause between probes that ends at once if sshd exits.
-                proc.wait(timeout=0.02)
-            except subprocess.TimeoutExpired:
-                continue
-        raise FakeVMError(f"sshd of {self.id} did not answer on {self.spec.host}:"
-                          f"{self.spec.port} within {SSHD_START_TIMEOUT:g}s ({last})")
+        reason = wait_banner(proc, self.spec.host, self.spec.port, SSHD_START_TIMEOUT)
+        if reason == "exited":
+            raise FakeVMError(
+                f"sshd of {self.id} exited with status {proc.returncode}; its log says:\n"
+                f"{tail(log_path.read_text(errors='replace'))}")
+        if reason is not None:
+            raise FakeVMError(f"sshd of {self.id} did not answer on {self.spec.host}:"
+                              f"{self.spec.port} within {SSHD_START_TIMEOUT:g}s ({reason})")
 
     def _stop_listener(self) -> None:
         """Stop the sshd listener only; its sessions are separate processes and live on."""
@@ -718,11 +488,7 @@ class FakeVM:
         except psutil.NoSuchProcess:
             pass  # it died under us: nothing of it survives to be tracked
         proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        reap(proc)
 
     def _open_blackhole(self) -> None:
         if self._blackhole is not None:
@@ -756,259 +522,3 @@ class FakeVM:
     def __repr__(self) -> str:
         return (f"<FakeVM {self.id} {self.spec.instance_type} {self.spec.zone} "
                 f"{self.spec.host}:{self.spec.port} {self.state}>")
-
-
-class _ControlSocketServer(socketserver.ThreadingUnixStreamServer):
-    # socketserver's default backlog is 5. Every machine of a fleet whose client was
-    # killed powers off within the same dead-man interval; on Linux a connect to a full
-    # backlog fails at once (EAGAIN) for a socket with a timeout, and a dead-man that
-    # cannot ask never asks again. The kernel caps this at net.core.somaxconn.
-    request_queue_size = 1024
-
-
-class ControlServer:
-    """The Unix socket the shims inside fake VMs send their requests to.
-
-    A ``socketserver`` with a thread per request: an sshd restart waits for the banner,
-    and twenty machines booting at once must not queue behind one another. Requests
-    come only from the machines of one cloud, a handful per machine.
-
-    Args:
-        path: where to listen (a short path: Unix socket paths are limited to 107 bytes).
-        handler: ``handler(marker, root, command, args) -> message``; raises
-            ``FakeVMError`` to refuse.
-    """
-
-    def __init__(self, path: str,
-                 handler: Callable[[str, str, str, list[str]], str]) -> None:
-        self.path = path
-        serve = self._serve
-
-        class Request(socketserver.StreamRequestHandler):
-            timeout = 10  # a shim that connects and says nothing must not hold a thread
-
-            def handle(self) -> None:
-                serve(self.rfile, self.wfile, handler)
-
-        self._server = _ControlSocketServer(path, Request)
-        # close() waits for the requests in flight (each bounded by its own timeouts).
-        self._server.daemon_threads = False
-        self._server.block_on_close = True
-        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="fakevm-ctl", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        """Stop accepting, finish the requests in flight, remove the socket (idempotent)."""
-        if not self._thread.is_alive():
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(10)
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass  # removed already
-
-    @staticmethod
-    def _serve(rfile: Any, wfile: Any,
-               handler: Callable[[str, str, str, list[str]], str]) -> None:
-        try:
-            request = json.loads(rfile.readline(65536))
-            reply = {"message": handler(str(request.get("vm", "")),
-                                        str(request.get("root", "")),
-                                        str(request.get("cmd", "")),
-                                        [str(a) for a in request.get("args", [])])}
-        except FakeVMError as exc:
-            reply = {"error": str(exc)}
-        except (OSError, ValueError) as exc:
-            reply = {"error": f"bad request: {exc}"}
-        try:
-            wfile.write(json.dumps(reply).encode() + b"\n")
-        except OSError as exc:
-            log.debug("control reply lost: %s", exc)
-
-
-def control_request(path: str, command: str, *args: str, marker: str = "", root: str = "",
-                    timeout: float = 60.0) -> str:
-    """Send one request to the ``ControlServer`` at ``path`` (what a shim does).
-
-    Args:
-        path: the server's socket.
-        command, args: the request.
-        marker, root: the machine asking (empty for a client outside every machine).
-        timeout: seconds for the whole exchange.
-
-    Returns:
-        The server's message.
-
-    Raises:
-        FakeVMError: the server refused the request (with its reason) or did not answer.
-    """
-    request = {"vm": marker, "root": root, "cmd": command, "args": list(args)}
-    deadline = time.monotonic() + timeout
-    try:
-        with _connect_unix(path, deadline) as sock:
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            with sock.makefile("rb") as answer:
-                reply = json.loads(answer.readline(65536) or b"{}")
-    except (OSError, ValueError) as exc:
-        raise FakeVMError(f"{command}: the local cloud at {path} did not answer: {exc}"
-                          ) from None
-    if reply.get("error"):
-        raise FakeVMError(f"{command}: {reply['error']}")
-    return str(reply.get("message", ""))
-
-
-def _connect_unix(path: str, deadline: float) -> socket.socket:
-    """Connect to a Unix socket by ``deadline``, waiting while its backlog is full (a
-    socket with a timeout is refused at once with EAGAIN then, not made to wait)."""
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(max(1.0, deadline - time.monotonic()))
-        try:
-            sock.connect(path)
-        except BlockingIOError:
-            sock.close()
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.05)  # a short pause: the server accepts in its own thread
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-
-# --- processes -------------------------------------------------------------------------
-
-def find_processes(markers: set[str],
-                   started: Iterable[tuple[str, psutil.Process]] = ()
-                   ) -> dict[str, list[psutil.Process]]:
-    """Live processes by marker.
-
-    Two sources: every process whose environment carries one of ``markers`` in
-    ``VMEXEC_FAKEVM`` (one scan of the process table; catches daemonised processes), and
-    ``started`` — ``(marker, process)`` pairs the harness knows, with all their
-    descendants. The second matters because sshd rewrites its own environment block
-    (setproctitle), so no sshd process can be found by its environment.
-    """
-    found: dict[str, dict[int, psutil.Process]] = {m: {} for m in markers}
-    me = os.getpid()
-    for proc in psutil.process_iter():
-        if proc.pid == me:
-            continue
-        try:
-            marker = proc.environ().get(MARKER_ENV)
-        except (psutil.Error, OSError):
-            continue  # gone, a zombie, or not ours to read
-        if marker in found:
-            found[marker][proc.pid] = proc
-    for marker, parent in started:
-        if marker not in found:
-            continue
-        try:
-            if not parent.is_running():
-                continue
-            family = [parent, *parent.children(recursive=True)]
-        except psutil.Error:
-            continue
-        for proc in family:
-            found[marker].setdefault(proc.pid, proc)
-    return {m: list(procs.values()) for m, procs in found.items()}
-
-
-def stop_machines(vms: Iterable[FakeVM]) -> None:
-    """Stop many machines at once, with one scan of the process table for all of them."""
-    grace = 0.0
-    started: list[tuple[str, psutil.Process]] = []
-    stopping = []
-    for vm in vms:
-        begun = vm.begin_stop()
-        if begun is not None:
-            stopping.append(vm)
-            grace = max(grace, begun[0])
-            started += [(vm.marker, p) for p in begun[1]]
-    if not stopping:
-        return
-    groups = find_processes({vm.marker for vm in stopping}, started)
-    stop_processes([p for procs in groups.values() for p in procs], grace)
-    for vm in stopping:
-        vm.reap()
-        vm.state = "stopped"
-        vm.stopped.set()
-        log.debug("fake VM %s stopped", vm.id)
-
-
-def _signal_all(procs: Iterable[psutil.Process], sig: int) -> int:
-    count = 0
-    for proc in procs:
-        try:
-            proc.send_signal(sig)
-            count += 1
-        except psutil.NoSuchProcess:
-            continue
-        except psutil.AccessDenied as exc:
-            log.warning("cannot signal %s: %s", proc.pid, exc)
-    return count
-
-
-def stop_processes(procs: list[psutil.Process], grace: float) -> None:
-    """SIGTERM ``procs`` (continuing frozen ones), SIGKILL those alive after ``grace``."""
-    if grace > 0:
-        _signal_all(procs, signal.SIGTERM)
-        _signal_all(procs, signal.SIGCONT)
-        procs = _wait_dead(procs, grace)
-    _signal_all(procs, signal.SIGKILL)
-    left = _wait_dead(procs, 5.0)
-    if left:
-        log.warning("processes that survived SIGKILL: %s", [p.pid for p in left])
-
-
-def _wait_dead(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Wait until ``procs`` are gone or zombies; return those still alive at the deadline.
-
-    A zombie counts as dead: orphans are reaped by init on its own schedule (slowly on
-    some containers' init), and a zombie holds no socket, port or file.
-    """
-    deadline = time.monotonic() + timeout
-    alive = procs
-    while True:
-        alive = [p for p in alive if _running(p)]
-        left = deadline - time.monotonic()
-        if not alive or left <= 0:
-            return alive
-        # Reaps our own children at once; for others this is a bounded poll, as Linux
-        # offers no portable wait on a process that is not our child.
-        psutil.wait_procs(alive, timeout=min(0.05, left))
-
-
-def _running(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-# --- small helpers ---------------------------------------------------------------------
-
-def _keygen(path: Path) -> None:
-    if path.exists():
-        return
-    result = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "fakevm",
-                             "-f", str(path)], capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        raise FakeVMError(f"ssh-keygen failed: {result.stderr.strip()}")
-
-
-def _symlink(target: Path, link: Path) -> None:
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(target)
-
-
-def _base_interpreter() -> str:
-    """This interpreter's real binary, outside any virtualenv (a machine has no venv)."""
-    base = getattr(sys, "_base_executable", None) or sys.executable
-    return os.path.realpath(base)

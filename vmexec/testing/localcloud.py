@@ -60,7 +60,8 @@ import botocore.config
 import botocore.exceptions
 
 from vmexec.providers.ec2.resources import TAG_FLEET
-from vmexec.testing.fakevm import ControlServer, FakeVM, FakeVMError, FakeVMHost
+from vmexec.testing.control import ControlServer
+from vmexec.testing.fakevm import FakeVM
 from vmexec.testing.faults import Fault, FaultInjector, LaunchTemplates
 from vmexec.testing.machines import MachineWatcher
 from vmexec.testing.motoserver import (
@@ -74,6 +75,7 @@ from vmexec.testing.motoserver import (
 )
 from vmexec.testing.network import ClientNetwork
 from vmexec.testing.remote import CLIENT_REQUESTS, remote_executor_options
+from vmexec.testing.vmhost import FakeVMError, FakeVMHost
 from vmexec.testing.wheelhouse import (
     build_wheelhouse,
     real_tool,
@@ -92,6 +94,11 @@ ApiFaults = FaultInjector
 
 #: The tag key that marks everything vmexec creates (kept for importers of this name).
 FLEET_TAG = TAG_FLEET
+
+def _read_through(part: str, name: str, doc: str) -> Any:
+    """A read-only attribute of ``LocalCloud`` that is ``name`` of one of its parts."""
+    return property(lambda cloud: getattr(getattr(cloud, part), name), doc=doc)
+
 
 # The cloud open in this process (at most one: moto's backends are process-wide).
 _OPEN: list["LocalCloud"] = []
@@ -397,50 +404,23 @@ class LocalCloud:
         in ``region`` (every polled region when None), sorted."""
         return self._network.ssh_rules([region] if region else self.regions)
 
-    @property
-    def client_address(self) -> str:
-        """The client's public address as the cloud sees it."""
-        return self._network.client_address
-
-    @property
-    def client_placement(self) -> Optional[dict[str, Any]]:
-        """Where ``place_client`` put the client (None: outside EC2)."""
-        return self._network.client_placement
-
-    @property
-    def index_url(self) -> str:
-        """The machines' PEP 503 index (``http://127.0.0.1:PORT/simple/``)."""
-        return self._network.index_url
-
-    @property
-    def find_links(self) -> str:
-        """The machines' flat wheel page (``http://127.0.0.1:PORT/files/``)."""
-        return self._network.find_links
-
-    @property
-    def checkip_url(self) -> str:
-        """The emulated "what is my IP" endpoint."""
-        return self._network.checkip_url
-
-    @property
-    def imds_url(self) -> str:
-        """The emulated metadata service (answers after ``place_client``)."""
-        return self._network.imds_url
-
-    @property
-    def checkip_requests(self) -> int:
-        """Requests the "what is my IP" endpoint answered."""
-        return self._network.checkip_requests
-
-    @property
-    def wheel_requests(self) -> int:
-        """Wheels the machines downloaded from the index."""
-        return self._network.wheel_requests
-
-    @property
-    def firewall_refusals(self) -> int:
-        """Connections a gate refused (``firewall=True``)."""
-        return self._network.firewall_refusals
+    # What the client's network knows and counts (``ClientNetwork``), read through.
+    client_address = _read_through("_network", "client_address",
+                                   "The client's public address as the cloud sees it.")
+    client_placement = _read_through("_network", "client_placement",
+                                     "Where ``place_client`` put the client (None: outside).")
+    index_url = _read_through("_network", "index_url", "The machines' PEP 503 index.")
+    find_links = _read_through("_network", "find_links", "The machines' flat wheel page.")
+    checkip_url = _read_through("_network", "checkip_url",
+                                'The emulated "what is my IP" endpoint.')
+    imds_url = _read_through("_network", "imds_url",
+                             "The emulated metadata service (after ``place_client``).")
+    checkip_requests = _read_through("_network", "checkip_requests",
+                                     'Requests the "what is my IP" endpoint answered.')
+    wheel_requests = _read_through("_network", "wheel_requests",
+                                   "Wheels the machines downloaded from the index.")
+    firewall_refusals = _read_through("_network", "firewall_refusals",
+                                      "Connections a gate refused (``firewall=True``).")
 
     # --- looking at machines -----------------------------------------------------------
 
@@ -461,15 +441,10 @@ class LocalCloud:
         """Seconds until a power-off the machine scheduled (``shutdown -h +M``), or None."""
         return self._machines.poweroff_due(instance_id)
 
-    @property
-    def poll_interval(self) -> float:
-        """Seconds between looks at moto when nothing asked for one."""
-        return self._machines.poll_interval
-
-    @property
-    def max_concurrent_boots(self) -> int:
-        """Boot scripts that run at once."""
-        return self._machines.max_concurrent_boots
+    poll_interval = _read_through("_machines", "poll_interval",
+                                  "Seconds between looks at moto when nothing asked for one.")
+    max_concurrent_boots = _read_through("_machines", "max_concurrent_boots",
+                                         "Boot scripts that run at once.")
 
     def wait_for(self, predicate: Callable[[], object], timeout: float = 60.0,
                  what: Union[str, Callable[[], str]] = "") -> None:

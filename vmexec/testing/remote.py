@@ -15,7 +15,7 @@ from typing import Any
 
 import boto3
 
-from vmexec.testing.fakevm import control_request
+from vmexec.testing.control import control_request
 from vmexec.testing.faults import region_of
 from vmexec.testing.motoserver import FAKE_CREDENTIALS, POLL_OPERATIONS, for_endpoint, refused
 

@@ -302,30 +302,46 @@ class SSHServer:
         self._proc = proc
         # If the owner forgets stop(), do not leave sshd behind at interpreter exit.
         self._finalizer = weakref.finalize(self, _kill_tree, proc)
-        deadline = time.monotonic() + START_TIMEOUT
-        last_error = "no answer"
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                self.stop()
-                raise SSHServerError(
-                    f"sshd exited with status {proc.returncode} on {self.host}:{self.port}"
-                    f"; its log says:\n{tail(self.log_text())}"
-                )
-            banner = read_banner(self.host, self.port, max(0.05, deadline - time.monotonic()))
-            if isinstance(banner, bytes) and banner.startswith(b"SSH-"):
-                log.debug("sshd %s is up: %r", self.host_string, banner.strip())
-                return
-            last_error = str(banner)
-            try:
-                # Doubles as a short pause between probes that wakes at once on exit.
-                proc.wait(timeout=0.02)
-            except subprocess.TimeoutExpired:
-                pass
+        reason = wait_banner(proc, self.host, self.port, START_TIMEOUT)
+        if reason is None:
+            log.debug("sshd %s is up", self.host_string)
+            return
+        status = proc.returncode if reason == "exited" else None
         self.stop()
+        if status is not None:
+            raise SSHServerError(
+                f"sshd exited with status {status} on {self.host}:{self.port}"
+                f"; its log says:\n{tail(self.log_text())}"
+            )
         raise SSHServerError(
             f"sshd on {self.host}:{self.port} did not answer with an SSH banner within "
-            f"{START_TIMEOUT:g} s ({last_error}); its log says:\n{tail(self.log_text())}"
+            f"{START_TIMEOUT:g} s ({reason}); its log says:\n{tail(self.log_text())}"
         )
+
+
+def wait_banner(proc: subprocess.Popen[bytes], host: str, port: int, timeout: float
+                ) -> Optional[str]:
+    """Wait until the sshd ``proc`` answers on ``host:port`` with an SSH banner.
+
+    Returns:
+        None once it does; else why not: ``"exited"`` (``proc.returncode`` says how),
+        or the last probe's error when ``timeout`` seconds ran out.
+    """
+    deadline = time.monotonic() + timeout
+    last_error = "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return "exited"
+        banner = read_banner(host, port, max(0.05, deadline - time.monotonic()))
+        if isinstance(banner, bytes) and banner.startswith(b"SSH-"):
+            return None
+        last_error = str(banner)
+        try:
+            # Doubles as a short pause between probes that wakes at once on exit.
+            proc.wait(timeout=0.02)
+        except subprocess.TimeoutExpired:
+            pass
+    return "exited" if proc.poll() is not None else last_error
 
 
 def read_banner(host: str, port: int, timeout: float) -> Union[bytes, str]:
@@ -369,14 +385,19 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
             p.terminate()
         except (ProcessLookupError, psutil.Error):
             pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
+    reap(proc)
     _gone, alive = psutil.wait_procs(children, timeout=5)
     for p in alive:
         try:
             p.kill()
         except psutil.Error:
             pass
+
+
+def reap(proc: "subprocess.Popen[bytes]", timeout: float = 5.0) -> None:
+    """Wait for ``proc`` (told to end) to exit; SIGKILL it if it takes over ``timeout``."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)

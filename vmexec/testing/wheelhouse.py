@@ -40,7 +40,7 @@ from vmexec.environment.capture import _file_sha256, source_tree_hash
 from vmexec.environment.preflight import find_uv, normalize_arch
 from vmexec.environment.spec import normalize_name
 from vmexec.errors import EnvSyncError
-from vmexec.testing.fakevm import FakeVMError
+from vmexec.testing.vmhost import FakeVMError
 
 __all__ = ["build_wheelhouse", "other_architecture_wheels", "requirement_closure",
            "repack_installed", "real_tool", "AGENT_REQUIREMENTS"]
