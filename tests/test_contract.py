@@ -7,6 +7,7 @@ and compares.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import threading
 import time
@@ -75,14 +76,34 @@ def test_map_raises_at_the_failing_item_like_process_pool(make_executor, chunksi
     assert isinstance(error.__cause__, RemoteTraceback)
 
 
-def test_map_timeout_counts_from_the_call(make_executor):
+def test_map_timeout_counts_from_the_call(make_executor, tmp_path):
+    release, peers = str(tmp_path / "release"), str(tmp_path / "peers")
+    os.mkdir(peers)
+
+    def meet(index: int) -> None:
+        # Returns once both slots run a call at once: both workers have started.
+        open(os.path.join(peers, str(index)), "w").close()
+        deadline = time.monotonic() + 60
+        while len(os.listdir(peers)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def held(hold: bool) -> None:
+        # The second item runs until the test releases it: the timeout, not the task's
+        # length, must end the wait (a fixed sleep would race a busy machine).
+        while hold and not os.path.exists(release):
+            time.sleep(0.02)
+
     with make_executor() as ex:
-        start = time.monotonic()
-        iterator = ex.map(helpers.sleep_and_return, [0.0, 4.0], timeout=1.0)
-        assert next(iterator) is None
-        with pytest.raises(TimeoutError):
-            next(iterator)
-        assert time.monotonic() - start < 3.5  # did not wait for the 4 s task
+        # Machines and their workers first: starting them can take longer than the 1 s
+        # timeout on a busy box, and the timeout under test counts from map's call.
+        assert list(ex.map(meet, range(2), timeout=120)) == [None, None]
+        try:
+            iterator = ex.map(held, [False, True], timeout=1.0)
+            assert next(iterator) is None
+            with pytest.raises(TimeoutError):  # the held item never ends by itself
+                next(iterator)
+        finally:
+            open(release, "w").close()
         ex.shutdown(wait=False, cancel_futures=True)
 
 
@@ -219,12 +240,12 @@ def test_worker_output_and_logs_are_forwarded(make_executor, caplog):
     with make_executor() as ex:
         assert ex.submit(helpers.shout, "hello-forwarding").result(timeout=60) == \
             "hello-forwarding"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def all_three_forwarded() -> bool:
         messages = [r.getMessage() for r in caplog.records if r.name == "vmexec.worker"]
-        if sum("hello-forwarding" in m for m in messages) >= 3:
-            break
-        time.sleep(0.05)
+        return sum("hello-forwarding" in m for m in messages) >= 3
+
+    wait_until(all_three_forwarded, timeout=60, what="stdout, stderr and log forwarded")
     by_stream = {r.stream: r for r in caplog.records if r.name == "vmexec.worker"
                  and "hello-forwarding" in r.getMessage()}
     assert set(by_stream) == {"stdout", "stderr", "log"}

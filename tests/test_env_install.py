@@ -9,7 +9,6 @@ import dataclasses
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +86,7 @@ def test_reproduce_spec_into_fresh_venv_and_import_local_code(project: dict[str,
     script = prepared.script()
     assert "<<" not in script  # no heredocs: it is embedded in user-data as is
     root = tmp_path / "machine"
-    started = time.perf_counter()
     result = run_script(script, root, PY=sys.executable)
-    cold = time.perf_counter() - started
     assert result.returncode == 0, result.stdout + result.stderr
     venv_python = root / "opt" / "vmexec" / "venv" / "bin" / "python"
 
@@ -109,13 +106,13 @@ def test_reproduce_spec_into_fresh_venv_and_import_local_code(project: dict[str,
                             capture_output=True, text=True)
     assert frozen.returncode != 0  # uv venv: nothing but what the spec installs
 
-    # The machine records the environment; a re-run with the same hash is a no-op.
+    # The machine records the environment; a re-run with the same hash is a no-op (its
+    # output says so: judged by what it did, not by a wall clock on a busy box).
     assert read_machine_hash(str(root)) == environment_hash(spec)
     check_skew(environment_hash(spec), read_machine_hash(str(root)))
-    started = time.perf_counter()
     again = run_script(script, root, PY=sys.executable)
     assert again.returncode == 0 and "already installed" in again.stdout
-    assert time.perf_counter() - started < max(cold, 2.0)
+    assert "installed in" not in again.stdout  # vx_done did not run again
     assert any((root / "var" / "cache" / "vmexec" / "uv").iterdir())  # UV_CACHE_DIR
 
 

@@ -9,7 +9,6 @@ import base64
 import hashlib
 import importlib.metadata
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -97,9 +96,8 @@ def test_results_are_cached_by_spec_arch_and_index(wheels: Path) -> None:
     clear_cache()
     spec = spec_of("purepkg==2.0")
     first = preflight(spec, ["x86_64"], find_links=[str(wheels)])
-    started = time.perf_counter()
     again = preflight(spec, ["x86_64"], find_links=[str(wheels)])
-    assert again["x86_64"] is first["x86_64"] and time.perf_counter() - started < 0.5
+    assert again["x86_64"] is first["x86_64"]  # the same object: not resolved again
     other_index = preflight(spec, ["x86_64"], find_links=[str(wheels), str(wheels)])
     assert other_index["x86_64"] is not first["x86_64"]
 
