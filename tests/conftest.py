@@ -1,13 +1,20 @@
-"""Fixtures shared by the suite: executors for each provider, a real sshd on loopback.
+"""Fixtures shared by the suite: executors for each provider, a real sshd on loopback;
+and the test tiers.
 
 The contract suite (test_contract.py) is written once and bound to every backend by
 the ``make_executor`` fixture, which is parametrized over ``local`` and ``ssh``.
+
+Tiers: ``tox -e fast`` runs ``pytest -m "not slow"`` -- unit, contract and moto tests,
+for the edit-test loop (under 3 minutes on a 2-core box). ``tox -e py`` (what
+``.ci/run`` runs) runs everything. ``FULL_SUITE_FILES`` and ``FULL_SUITE_TESTS`` below
+say what is ``slow``, each with its reason.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -15,6 +22,68 @@ import pytest
 from vmexec import VMExecutor
 from aws_fixtures import *  # noqa: F401,F403  (registers the AWS fixtures for every module)
 from vmexec.testing.sshd import SSHServer, sshd_available
+
+# --- test tiers ---------------------------------------------------------------------------
+
+# Whole files that only the full suite runs: end-to-end paths, real installs, other
+# projects' code. (A file under tests/ that is not here is in the fast tier.)
+FULL_SUITE_FILES = {
+    "cpython": "CPython's own test_concurrent_futures against VMExecutor (local and ssh)",
+    "test_docs.py": "builds the docs site strictly and runs every page's examples",
+    "test_examples.py": "runs every script in examples/",
+    "test_cli_compare.py": "`vmexec compare` on the examples",
+    "test_pytest_plugin.py": "the example user project's own test suite, in a subprocess",
+    "test_localcloud.py": "boots fake VMs in the local cloud",
+    "test_client_network.py": "boots fake VMs in the local cloud",
+    "test_deadman.py": "boots fake VMs in the local cloud",
+    "test_dropin_ec2.py": "boots fake VMs in the local cloud",
+    "test_env_mixed_arch.py": "boots fake VMs in the local cloud",
+    "test_guardrails_ec2.py": "boots fake VMs in the local cloud",
+    "test_named_fleet.py": "boots fake VMs in the local cloud",
+    "test_suspended_client.py": "boots fake VMs in the local cloud",
+    "test_ec2_launch.py": "launches on moto and connects over SSH to sshd 'machines'",
+    "test_env_install.py": "installs environments into fresh venvs (and the local cloud)",
+    "test_boot_hardening.py": "installs uv with pip into a venv; runs boot scripts",
+    "test_simfleet.py": "hundreds of simulated machines",
+    "test_joblib.py": "scikit-learn workloads",
+    "test_integrations.py": "dask, scipy and emcee workloads",
+    "test_faults.py": "machines that die, stall or get replaced: waits on heartbeats",
+}
+
+# The slowest tests of otherwise fast files (5 s or more each on a busy 2-core box),
+# as ``file::function`` (every parameter of it).
+FULL_SUITE_TESTS = {
+    "test_handshake.py::test_the_client_does_not_unpickle_a_machines_handshake":
+        "waits out a machine's boot timeout",
+    "test_cli.py::test_cleanup_filters_by_fleet_and_age": "`vmexec` in subprocesses",
+    "test_cli.py::test_ls_and_cleanup_after_a_killed_client": "`vmexec` in subprocesses",
+    "test_dropin.py::test_initializer_globals_are_the_tasks_globals_like_process_pool":
+        "a ProcessPoolExecutor and a fleet, each initialized",
+    "test_hardening_misc.py::test_sighup_tears_the_fleet_down": "a client in a subprocess",
+    "test_ec2_teardown.py::test_signal_tears_the_fleet_down": "a client in a subprocess",
+    "test_named_adoption.py::test_an_instance_only_tagged_as_the_fleet_is_not_adopted":
+        "two fleets on moto",
+    "test_ssh_faults.py::test_dropped_connection_requeues_tasks_on_another_machine":
+        "waits for a dropped connection to be noticed",
+    "test_env_stage.py::test_compiled_local_package_is_built_by_the_first_machine_and_shared":
+        "builds a compiled package",
+}
+
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark what only the full suite runs ``slow`` (``pytest -m "not slow"`` skips it)."""
+    for item in items:
+        try:
+            relative = item.path.resolve().relative_to(TESTS)
+        except ValueError:  # not under tests/
+            continue
+        function = getattr(item, "originalname", item.name)
+        if relative.parts[0] in FULL_SUITE_FILES or \
+                f"{relative.as_posix()}::{function}" in FULL_SUITE_TESTS:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _named_fleets_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory
