@@ -1,13 +1,25 @@
-"""Task functions used by the tests. A user module (not installed): travels by value."""
+"""Task functions used by the tests, and helpers the test modules share.
+
+A user module (not installed): its task functions travel by value. The shared helpers
+(below the task functions) import the harness lazily, so that importing this module
+stays cheap for tests that never start a cloud.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import select
 import signal
+import subprocess
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from vmexec.testing.localcloud import LocalCloud
 
 class Point:
     """A user-defined class crossing the wire both ways."""
@@ -100,3 +112,83 @@ def chatter(lines: int, width: int = 100) -> int:
 
 def getenv(name: str) -> "str | None":
     return os.environ.get(name)
+
+
+# --- helpers shared by test modules ------------------------------------------------------
+
+def local_cloud(region: str) -> Iterator["LocalCloud"]:
+    """The body of a module's ``cloud`` fixture: a ``LocalCloud`` polling ``region``,
+    which fails the module if a request tried to leave it::
+
+        @pytest.fixture(scope="module")
+        def cloud() -> Iterator[LocalCloud]:
+            yield from helpers.local_cloud(REGION)
+    """
+    from conftest import _require_sshd  # the suite's one rule for a missing sshd
+    from vmexec.testing.localcloud import LocalCloud
+
+    _require_sshd()
+    with LocalCloud(regions=[region]) as cloud:
+        yield cloud
+        assert cloud.offmachine_requests == [], "a request tried to leave the local cloud"
+
+
+def instance_states(cloud: "LocalCloud", region: str, ids: list[str]) -> dict[str, str]:
+    """The state of each instance of ``ids`` in ``region``, as moto reports it."""
+    answer = cloud.client(region).describe_instances(InstanceIds=ids)
+    return {i["InstanceId"]: i["State"]["Name"]
+            for r in answer["Reservations"] for i in r["Instances"]}
+
+
+def start_remote_client(cloud: "LocalCloud", script: Path, source: str, *args: str,
+                        **options: Any) -> tuple["subprocess.Popen[str]", Path]:
+    """Run ``source`` (written to ``script``) as a client in a process of its own, with
+    ``cloud.remote_options(**options)`` as JSON and ``args`` as its arguments.
+
+    Returns:
+        The process (its stdout a pipe) and the file its stderr goes to.
+    """
+    script.write_text(source)
+    log = script.with_suffix(".log")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), json.dumps(cloud.remote_options(**options)), *args],
+            env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    return proc, log
+
+
+def first_line(proc: "subprocess.Popen[str]", log: Path, timeout: float) -> str:
+    """The client's first line of output, waiting up to ``timeout`` seconds for it."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else ""
+    assert line.strip(), f"the client said nothing (exit {proc.poll()}):\n" \
+                         f"{log.read_text()[-3000:]}"
+    return line
+
+
+class FakeRoute:
+    """Stands in for ``socket.socket`` when the client asks which address its route to
+    the internet would use: a UDP "connect" that sends nothing, answering ``address``.
+
+    ``monkeypatch.setattr(socket, "socket", FakeRoute("192.168.1.23"))``
+    """
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def __call__(self, *args: Any) -> "FakeRoute":
+        return self
+
+    def __enter__(self) -> "FakeRoute":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def connect(self, address: Any) -> None:  # a UDP connect sends nothing
+        pass
+
+    def getsockname(self) -> tuple[str, int]:
+        return (self.address, 40000)

@@ -16,10 +16,9 @@ import hashlib
 import subprocess
 import urllib.parse
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import boto3
-import pytest
 
 from vmexec.environment import install
 from vmexec.environment.install import built_builds
@@ -27,19 +26,6 @@ from vmexec.environment.spec import Artifact
 from vmexec.environment.stage import BUILD_PUT_SECONDS, owner_id, stage_artifacts
 
 REGION = "us-east-1"
-
-
-@pytest.fixture(scope="module")
-def endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 def staged_sdist(tmp_path: Path, endpoint: str) -> tuple[Artifact, Any]:
@@ -68,7 +54,8 @@ def curl_put(url: str, body: Path, *headers: str) -> int:
 
 
 def test_build_put_is_per_owner_conditional_and_short_lived(
-        tmp_path: Path, endpoint: str) -> None:
+        tmp_path: Path, moto_server: str) -> None:
+    endpoint = moto_server  # aws_fixtures: moto over HTTP on 127.0.0.1, for curl
     built, session = staged_sdist(tmp_path, endpoint)
     caller = session.client("sts", endpoint_url=endpoint).get_caller_identity()["Arn"]
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(built.build_put_url).query)

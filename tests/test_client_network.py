@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import pytest
 
 from aws_fixtures import MIXED, REGIONS
+from helpers import FakeRoute
 from vmexec import BudgetExceeded, ConfigError, VMExecutor
 from vmexec.providers.ec2 import EC2Provider
 from vmexec.providers.ec2.network import ClientNetwork, lookup_public_address, read_imds
@@ -173,27 +174,11 @@ def test_launch_stops_before_creating_anything_when_the_lookup_fails(
 
 def test_lookup_off_uses_only_the_routes_address(session: Any, calls: Any,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    class PrivateRoute:
-        def __init__(self, *args: Any) -> None:
-            pass
-
-        def __enter__(self) -> "PrivateRoute":
-            return self
-
-        def __exit__(self, *exc: Any) -> None:
-            pass
-
-        def connect(self, address: Any) -> None:  # a UDP connect sends nothing
-            pass
-
-        def getsockname(self) -> tuple[str, int]:
-            return ("192.168.1.23", 40000)
-
     provider = EC2Provider(4, instance_type="c7i.large", regions="us-east-1",
                            session=session, handle_signals=False, environment=None,
                            address_lookup=False)
     try:
-        monkeypatch.setattr(socket, "socket", PrivateRoute)
+        monkeypatch.setattr(socket, "socket", FakeRoute("192.168.1.23"))
         with pytest.raises(ConfigError, match=r"192\.168\.1\.23 is private.*"
                                               r"address_lookup=False.*ssh_cidr="):
             provider.launch(2)

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import select
 import shlex
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -31,6 +28,7 @@ from typing import Any, Iterator
 import pytest
 
 from conftest import _require_sshd  # the suite's one rule for a missing sshd
+from helpers import first_line, instance_states, local_cloud, start_remote_client
 from vmexec.testing.fakevm import MARKER_ENV, FakeVM, FakeVMHost, control_request
 from vmexec.testing.localcloud import LocalCloud
 
@@ -69,33 +67,7 @@ CLIENT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def cloud() -> Iterator[LocalCloud]:
-    _require_sshd()
-    with LocalCloud(regions=[REGION]) as lc:
-        yield lc
-
-
-def start_client(cloud: LocalCloud, tmp_path: Path, **options: Any
-                 ) -> tuple[subprocess.Popen[str], Path]:
-    """Start the client; its log (stderr) goes to a file, read on failure."""
-    script = tmp_path / "client.py"
-    script.write_text(CLIENT)
-    log = tmp_path / "client.log"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    with open(log, "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, str(script), json.dumps(cloud.remote_options(**options)), REGION],
-            env=env, stdout=subprocess.PIPE, stderr=err, text=True)
-    return proc, log
-
-
-def first_line(proc: subprocess.Popen[str], log: Path, timeout: float) -> str:
-    """The client's first line of output, waiting up to ``timeout`` seconds for it."""
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    line = proc.stdout.readline() if ready else ""
-    assert line.strip(), f"the client said nothing (exit {proc.poll()}):\n" \
-                         f"{log.read_text()[-3000:]}"
-    return line
+    yield from local_cloud(REGION)
 
 
 def saw_agent(vm: FakeVM) -> bool:
@@ -105,9 +77,7 @@ def saw_agent(vm: FakeVM) -> bool:
 
 
 def states(cloud: LocalCloud, ids: list[str]) -> dict[str, str]:
-    answer = cloud.client(REGION).describe_instances(InstanceIds=ids)
-    return {i["InstanceId"]: i["State"]["Name"]
-            for r in answer["Reservations"] for i in r["Instances"]}
+    return instance_states(cloud, REGION, ids)
 
 
 def test_shutdown_behaviour_comes_from_the_launch_template_version(
@@ -168,7 +138,8 @@ def test_killed_client_machines_power_off_by_themselves_and_terminate(
     launch template's InstanceInitiatedShutdownBehavior makes that a termination."""
     boot_env = {**cloud.boot_env(), "VMEXEC_DEADMAN_AFTER_AGENT": str(AFTER_AGENT),
                 "VMEXEC_DEADMAN_INTERVAL": str(INTERVAL)}
-    proc, log = start_client(cloud, tmp_path, boot_env=boot_env)
+    proc, log = start_remote_client(cloud, tmp_path / "client.py", CLIENT, REGION,
+                                    boot_env=boot_env)
     try:
         ids = json.loads(first_line(proc, log, 150))
         assert len(ids) == 2

@@ -174,18 +174,8 @@ def test_presigned_urls_and_per_arch_build_slots(session: Any,
     delete_staging(session, ["eu-west-1"], "vmx-u")
 
 
-@pytest.fixture(scope="module")
-def moto_server() -> Iterator[str]:
-    """moto as an HTTP server on 127.0.0.1, so that curl can fetch presigned URLs."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+# moto_server (aws_fixtures): moto as an HTTP server on 127.0.0.1, so that curl can
+# fetch presigned URLs.
 
 
 def boot(script: str, root: Path, check: str) -> tuple[str, str]:

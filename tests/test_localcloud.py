@@ -38,7 +38,7 @@ from vmexec.testing.fakevm import INTERRUPTION_NOTICE, FakeVM, find_processes
 from vmexec.testing.localcloud import LocalCloud, OffMachineRequestError
 from vmexec.transports.ssh import SSHTransport, open_ssh_transport
 
-from conftest import _require_sshd  # the suite's one rule for a missing sshd
+from helpers import local_cloud
 
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(180)]
 
@@ -65,10 +65,7 @@ class Keys:
 
 @pytest.fixture(scope="module")
 def cloud() -> Iterator[LocalCloud]:
-    _require_sshd()
-    with LocalCloud(regions=[REGION]) as lc:
-        yield lc
-        assert lc.offmachine_requests == [], "a request tried to leave the local cloud"
+    yield from local_cloud(REGION)
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,15 @@ test) plus a margin for this shared computer.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from conftest import _require_sshd
+from helpers import first_line, instance_states, local_cloud, start_remote_client
 from vmexec.testing.localcloud import LocalCloud
 
 pytestmark = pytest.mark.ssh
@@ -57,36 +55,21 @@ CLIENT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def cloud() -> Iterator[LocalCloud]:
-    _require_sshd()
-    with LocalCloud(regions=[REGION]) as lc:
-        yield lc
+    yield from local_cloud(REGION)
 
 
 def states(cloud: LocalCloud, ids: list[str]) -> dict[str, str]:
-    answer = cloud.client(REGION).describe_instances(InstanceIds=ids)
-    return {i["InstanceId"]: i["State"]["Name"]
-            for r in answer["Reservations"] for i in r["Instances"]}
+    return instance_states(cloud, REGION, ids)
 
 
 def run_and_suspend(cloud: LocalCloud, tmp_path: Path, watchdog: float,
                     boot_env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str], Path]:
     """Start the client, wait until both machines stream results, then SIGSTOP it."""
-    script = tmp_path / "client.py"
-    script.write_text(CLIENT)
-    log = tmp_path / "client.log"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    with open(log, "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, str(script), json.dumps(cloud.remote_options(boot_env=boot_env)),
-             REGION, str(watchdog)],
-            env=env, stdout=subprocess.PIPE, stderr=err, text=True)
-    assert proc.stdout is not None
-    line = ""
+    proc, log = start_remote_client(cloud, tmp_path / "client.py", CLIENT, REGION,
+                                    str(watchdog), boot_env=boot_env)
     try:
-        line = proc.stdout.readline()  # the client prints once both machines answered
-        assert line.strip(), f"the client said nothing (exit {proc.poll()}):\n" \
-                             f"{log.read_text()[-3000:]}"
-        ids = json.loads(line)
+        # The client prints once both machines answered.
+        ids = json.loads(first_line(proc, log, 240))
         assert len(ids) == 2
     except BaseException:
         proc.kill()
@@ -177,16 +160,17 @@ IDLE_CLIENT = textwrap.dedent("""
 def test_an_idle_client_keeps_its_machines(cloud: LocalCloud, tmp_path: Path) -> None:
     """Frames are liveness, and an idle client sends few: with a dead-man grace shorter
     than its ping interval, a running agent's machine must still stay on."""
-    script = tmp_path / "idle.py"
-    script.write_text(IDLE_CLIENT)
     boot_env = {**cloud.boot_env(), "VMEXEC_DEADMAN_AFTER_AGENT": "2",
                 "VMEXEC_DEADMAN_INTERVAL": str(INTERVAL)}
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run(
-        [sys.executable, str(script), json.dumps(cloud.remote_options(boot_env=boot_env)),
-         REGION], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    *ids, same_machine = json.loads(done.stdout.strip().splitlines()[-1])
+    proc, log = start_remote_client(cloud, tmp_path / "idle.py", IDLE_CLIENT, REGION,
+                                    boot_env=boot_env)
+    try:
+        out, _ = proc.communicate(timeout=280)
+    except subprocess.TimeoutExpired:
+        end(proc)
+        raise
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    *ids, same_machine = json.loads(out.strip().splitlines()[-1])
     # The same machine served both maps: it did not power off while the client idled.
     assert same_machine is True and len(ids) == 1
     assert "nothing heard from a client" not in cloud.vm(ids[0]).boot_log()
