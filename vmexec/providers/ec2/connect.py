@@ -115,20 +115,7 @@ class Connector:
             return list(self._install_scripts)
 
     def connect(self, record: MachineRecord, timeout: float) -> Transport:
-        """Wait for ``record``'s instance to run and boot, then open the agent's channel.
-
-        Args:
-            record: a record from ``launch``.
-            timeout: seconds for all of it (also bounded by ``boot_timeout``).
-
-        Returns:
-            An SSH transport running ``userdata.agent_command()``.
-
-        Raises:
-            TransportError: the instance died, the boot script failed (with the reason
-                and the end of the machine's boot log), or it was not reachable in time
-                (with the last SSH error and the end of the console output).
-        """
+        """``EC2Provider.connect`` (its docstring says what is returned and raised)."""
         if self._closing.is_set():
             raise TransportError(f"{record.label}: the fleet is shutting down")
         clock = retry.current_clock()
