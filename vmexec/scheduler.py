@@ -74,7 +74,8 @@ from vmexec.guardrails.costs import CostGuard
 from vmexec.guardrails.logs import OutputGuard
 from vmexec.logs import emit_remote
 from vmexec.progress import Progress
-from vmexec.protocol import FrameReader, Msg, decode, encode_frame, encode_handshake
+from vmexec.protocol import (FrameReader, Forget, Func, Msg, Ping, Release, Result, Shutdown,
+                             Task, decode, encode_frame, encode_handshake)
 from vmexec.providers.base import MachineRecord, Provider
 from vmexec.transports import aio
 from vmexec.transports.base import Transport
@@ -624,7 +625,7 @@ class Scheduler:
             for item in items:
                 digest = item.digest
                 if digest not in digests:
-                    messages.append((Msg.FUNC, digest, item.fn_bytes))
+                    messages.append(Func(Msg.FUNC, digest, item.fn_bytes))
                     digests[digest] = None
                 uses[digest] += 1
                 if item.batchable:
@@ -638,7 +639,7 @@ class Scheduler:
                 if batch:
                     messages.append(self._task_message_locked(machine, batch))
                     batch = []
-                messages.append((Msg.TASK, item.task_id, digest, item.call_bytes,
+                messages.append(Task(Msg.TASK, item.task_id, digest, item.call_bytes,
                                  item.chunked))
             if batch:
                 messages.append(self._task_message_locked(machine, batch))
@@ -670,7 +671,7 @@ class Scheduler:
                     self._queued_seconds_locked(machine) < _STEAL_MIN_SECONDS:
                 continue
             machine.releasing = True
-            if self._enqueue_locked(machine, [(Msg.RELEASE,)]):
+            if self._enqueue_locked(machine, [Release(Msg.RELEASE)]):
                 flush.append(machine)
         return flush
 
@@ -704,11 +705,11 @@ class Scheduler:
         """The TASK message for one map item, or for a micro-batch of them."""
         first = batch[0]
         if len(batch) == 1:
-            return (Msg.TASK, first.task_id, first.digest, first.call_bytes, first.chunked)
+            return Task(Msg.TASK, first.task_id, first.digest, first.call_bytes, first.chunked)
         machine.batches[first.task_id] = [item.task_id for item in batch]
         calls = pickle.dumps([(item.task_id, item.call_bytes) for item in batch],
                              protocol.PICKLE_PROTOCOL)
-        return (Msg.TASK, first.task_id, first.digest, calls, BATCH)
+        return Task(Msg.TASK, first.task_id, first.digest, calls, BATCH)
 
     def _forget_unused_locked(self, machine: Machine) -> list[Any]:
         """FORGET messages for the oldest cached callables no in-flight task uses."""
@@ -719,7 +720,7 @@ class Scheduler:
         for digest in forget:
             del machine.digests[digest]
             machine.digest_uses.pop(digest, None)
-        return [(Msg.FORGET, digest) for digest in forget]
+        return [Forget(Msg.FORGET, digest) for digest in forget]
 
     def _left_machine_locked(self, machine: Machine, item: WorkItem) -> None:
         """Bookkeeping when ``item`` is no longer in flight on ``machine``."""
@@ -781,7 +782,7 @@ class Scheduler:
             if not machine.inflight and now - machine.last_sent < self._ping_every:
                 continue  # busy machines are pinged every interval: their RTT sizes windows
             with self._lock:
-                must_flush = self._enqueue_locked(machine, [(Msg.PING, time.monotonic())])
+                must_flush = self._enqueue_locked(machine, [Ping(Msg.PING, time.monotonic())])
             if must_flush:
                 self._flush(machine)
 
@@ -823,7 +824,7 @@ class Scheduler:
                 machine.state = "retiring"
                 self._machines.remove(machine)
                 self._closing.add(machine)
-                flush.append(self._enqueue_locked(machine, [(Msg.SHUTDOWN,)]))
+                flush.append(self._enqueue_locked(machine, [Shutdown(Msg.SHUTDOWN)]))
             if retire and self._provider.can_replace():
                 self._provider_exhausted = False
         for (machine, why), must_flush in zip(retire, flush):
@@ -1184,44 +1185,44 @@ class Scheduler:
 
     # -- reading results ------------------------------------------------------------
     def _handle(self, machine: Machine, messages: list[Any]) -> None:
-        finished: list[tuple[None, tuple[Any, ...]]] = []
+        finished: list[Result] = []
         lost: list[tuple[int, str]] = []
         for message in messages:
-            kind = message[0]
+            kind = message.kind
             if kind == Msg.RESULT:
-                if message[1] in machine.batches:
+                if message.task_id in machine.batches:
                     finished.extend(self._unbatch_result(machine, message))
                 else:
-                    finished.append((None, message))
+                    finished.append(message)
             elif kind == Msg.LOST:
-                for task_id in machine.batches.pop(message[1], None) or (message[1],):
-                    lost.append((task_id, message[2]))
+                for task_id in machine.batches.pop(message.task_id, None) or (message.task_id,):
+                    lost.append((task_id, message.reason))
             elif kind == Msg.LOG:
-                source = message[4] if message[2] == "log" else message[2]
-                if self.output_guard.admit(machine.label, source, message[5]):
-                    emit_remote(machine.label, message[1], message[2], message[3], message[4],
-                                message[5])
+                source = message.logger_name if message.stream == "log" else message.stream
+                if self.output_guard.admit(machine.label, source, message.text):
+                    emit_remote(machine.label, message.worker_pid, message.stream,
+                                message.levelno, message.logger_name, message.text)
             elif kind == Msg.PONG:
-                machine.rtt = 0.7 * machine.rtt + 0.3 * (time.monotonic() - message[1])
+                machine.rtt = 0.7 * machine.rtt + 0.3 * (time.monotonic() - message.sent_at)
             elif kind == Msg.BROKEN:
                 self._break(BrokenFleet(
-                    f"a worker on machine {machine.label} failed to start: {message[1]}; "
+                    f"a worker on machine {machine.label} failed to start: {message.reason}; "
                     "the executor is not usable any more"),
-                    RemoteTraceback(f'\n"""\n{message[2]}"""'))
+                    RemoteTraceback(f'\n"""\n{message.traceback}"""'))
                 return
             elif kind == Msg.NOTICE:
-                self._on_notice(machine, message[1])
+                self._on_notice(machine, message.text)
             elif kind == Msg.RELEASED:
-                self._on_released(machine, message[1])
+                self._on_released(machine, message.task_ids)
             elif kind == Msg.REFUSED:
-                self._break(BrokenFleet(f"machine {machine.label} refused: {message[1]}"))
+                self._break(BrokenFleet(f"machine {machine.label} refused: {message.reason}"))
                 return
         if not finished and not lost:
             return
         with self._lock:
             resolved = []
-            for _, message in finished:
-                item = machine.inflight.pop(message[1], None)
+            for message in finished:
+                item = machine.inflight.pop(message.task_id, None)
                 if item is not None:
                     self._left_machine_locked(machine, item)
                     resolved.append((item, message))
@@ -1244,18 +1245,18 @@ class Scheduler:
             self._resolve(machine, item, message)
         for item, error in failed:
             _set_exception(item.future, error)
-        errors = sum(1 for _, message in resolved if not message[2]) + len(failed)
+        errors = sum(1 for _, message in resolved if not message.ok) + len(failed)
         self.progress.tasks_done(len(resolved) + len(failed) - errors, errors)
 
-    def _unbatch_result(self, machine: Machine, message: tuple[Any, ...]
-                        ) -> list[tuple[None, tuple[Any, ...]]]:
+    def _unbatch_result(self, machine: Machine, message: Result) -> list[Result]:
         """A micro-batch's RESULT as one RESULT per item."""
-        item_ids = machine.batches.pop(message[1])
-        _, batch_id, ok, payload, _seconds = message
-        if ok:
+        item_ids = machine.batches.pop(message.task_id)
+        payload = message.payload
+        if message.ok:
             try:
                 outcomes = pickle.loads(payload)
-                return [(None, (Msg.RESULT, item_id, item_ok, item_payload, seconds))
+                new = tuple.__new__  # ~0.15 µs per item against 0.45 calling Result
+                return [new(Result, (Msg.RESULT, item_id, item_ok, item_payload, seconds))
                         for item_id, item_ok, item_payload, seconds in outcomes]
             except Exception as exc:  # a corrupt batch fails its items, loudly
                 payload = pickle.dumps((RuntimeError(
@@ -1263,7 +1264,7 @@ class Scheduler:
                     f"read: {exc!r}"), ""))
         # The batch failed as a whole (e.g. the callable could not be unpickled on the
         # machine): every item gets that error.
-        return [(None, (Msg.RESULT, item_id, False, payload, 0.0)) for item_id in item_ids]
+        return [Result(Msg.RESULT, item_id, False, payload, 0.0) for item_id in item_ids]
 
     def _on_notice(self, machine: Machine, text: str) -> None:
         """The machine is going away: no new work, and take back what has not started.
@@ -1280,7 +1281,7 @@ class Scheduler:
             machine.state = "draining"
             machine.record.state = "draining"  # providers stop counting it: a replacement may launch
             machine.drain_reason = f"going away ({text})"
-            must_flush = self._enqueue_locked(machine, [(Msg.RELEASE,)])
+            must_flush = self._enqueue_locked(machine, [Release(Msg.RELEASE)])
             self._wake.notify()
         if must_flush:
             self._flush(machine)
@@ -1306,7 +1307,7 @@ class Scheduler:
             self._changed = True
             self._wake.notify()
 
-    def _resolve(self, machine: Machine, item: WorkItem, message: tuple[Any, ...]) -> None:
+    def _resolve(self, machine: Machine, item: WorkItem, message: Result) -> None:
         _, _, ok, payload, seconds = message
         if machine.avg_task_seconds is None:
             machine.avg_task_seconds = seconds
@@ -1435,7 +1436,7 @@ class Scheduler:
                 machine.state = "closed"
         for machine in machines:
             try:
-                machine.transport.write(encode_frame([(Msg.SHUTDOWN,)]))
+                machine.transport.write(encode_frame([Shutdown(Msg.SHUTDOWN)]))
             except TransportError:
                 pass
         for machine in machines:

@@ -307,8 +307,7 @@ def _serve(config_path: str, workdir: str) -> None:  # pragma: no cover - subpro
             for payload in self.reader.feed(data):
                 counters["frames_in"] += 1
                 if not self.hello_done:
-                    decode_hello = getattr(protocol, "decode_handshake", decode)
-                    hello = decode_hello(payload)
+                    hello = protocol.decode_handshake(payload)
                     self.hello_done = True
                     self.slots = max(1, int(hello.get("slots", self.slots)))
                     self.heartbeat = float(hello.get("heartbeat_interval", 5.0))
