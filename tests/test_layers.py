@@ -67,7 +67,7 @@ LAYERS: list[list[Layer]] = [
            "a byte stream to an agent: SSH or local pipes")],
     [Layer("providers", ("vmexec.providers",),
            "making and destroying machines: local, ssh (static hosts), ec2")],
-    [Layer("scheduler", ("vmexec.scheduler",),
+    [Layer("scheduler", ("vmexec.scheduler", "vmexec.scheduling"),
            "the queue, in-flight windows, retries, the demand signal")],
     [Layer("executor", ("vmexec.executor", "vmexec.compare"),
            "the public Executor API (and compare(), which runs it)")],
