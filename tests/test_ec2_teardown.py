@@ -23,7 +23,8 @@ from aws_fixtures import MIXED, REGIONS, TEST_CIDR, tagged
 from vmexec import VMExecutor
 from vmexec.errors import BrokenFleet
 from vmexec.providers.ec2 import EC2Provider
-from vmexec.providers.ec2.resources import find_resources, sweep
+from vmexec.providers.ec2.resources import find_resources
+from vmexec.providers.ec2.teardown import sweep
 from vmexec.testing.faults import ApiCallCounter
 
 Make = Callable[..., EC2Provider]

@@ -12,7 +12,7 @@
                -> fleet.py: batched CreateFleet calls with capacity fallback
     connect    connect.py: wait for "running" -> pinned SSH, retried while the machine
                boots -> probe the boot outcome -> environment over SSH -> the agent
-    terminate  resources.py: terminate + wait + delete SG/launch templates + verify by
+    terminate  teardown.py: terminate + wait + delete SG/launch templates + verify by
                tag, every region; also from atexit and SIGINT/SIGTERM (lifecycle.py). A
                named fleet (named.py) keeps its ready machines warm instead, for a later
                run to adopt
@@ -20,10 +20,10 @@
     clients.py   one client factory (one config; throttling retried by every client)
                  and ``in_every_region``; errors.py what AWS error codes mean;
                  userdata.py + scripts/ the boot script; network.py this computer's
-                 address; images.py, plan.py
+                 address; resources.py tags and finding by tag; images.py, plan.py
 
 Every resource is tagged ``vmexec:fleet``/``vmexec:owner``/``vmexec:created`` so that
-``vmexec cleanup`` (``resources.sweep``) finds whatever a killed client left behind, and
+``vmexec cleanup`` (``teardown.sweep``) finds whatever a killed client left behind, and
 the machines power themselves off (``InstanceInitiatedShutdownBehavior=terminate``) when
 no agent runs on them (the boot script's dead-man loop) or the client goes silent (the
 agent's watchdog).
@@ -66,7 +66,7 @@ from vmexec.errors import CapacityError, EnvSyncError, QuotaError, TransportErro
 from vmexec.guardrails.budget import CostPlan, TeardownReport
 from vmexec.guardrails.pricing import PriceBook
 from vmexec.providers.base import MachineRecord, MachineState, Provider
-from vmexec.providers.ec2 import lifecycle, resources
+from vmexec.providers.ec2 import lifecycle, resources, teardown
 from vmexec.providers.ec2.clients import ClientFactory
 from vmexec.providers.ec2.connect import Connector
 from vmexec.providers.ec2.discovery import discover
@@ -292,7 +292,7 @@ class EC2Provider(Provider):
         # Reentrant: a signal handler may run while the main thread is inside this lock.
         self._background_lock = threading.RLock()
         self._current_launch: Optional[list[MachineRecord]] = None
-        self.teardown_summary: Optional[resources.TeardownSummary] = None
+        self.teardown_summary: Optional[teardown.TeardownSummary] = None
         self._watchers = {r: InstanceWatcher(self.clients[r].ec2, r) for r in self.regions}
         self._reach = Reach(self.network, self.facts, self.clients)
         self._setups = RegionSetups(
@@ -495,7 +495,7 @@ class EC2Provider(Provider):
         if new_regions:
             # A region set up by this launch holds nothing older: remove all of the
             # fleet there, by tag, and verify.
-            summary = resources.teardown(
+            summary = teardown.teardown(
                 {r: self.clients[r].ec2 for r in new_regions}, self.fleet_id,
                 instance_ids={r: by_region.get(r, []) for r in new_regions})
             if not summary.clean:
@@ -657,14 +657,14 @@ class EC2Provider(Provider):
                                       for state in self._named.values())
                 clients = {r: c.ec2 for r, c in self.clients.items()}
                 if keep and touched:
-                    summary = resources.keep_warm(clients, self.fleet_id,
+                    summary = teardown.keep_warm(clients, self.fleet_id,
                                                   instance_ids=by_region,
                                                   keepalive=self.keepalive)
                 elif touched or (left_before and not keep):
-                    summary = resources.teardown(clients, self.fleet_id,
+                    summary = teardown.teardown(clients, self.fleet_id,
                                                  instance_ids=by_region)
                 else:  # nothing was ever launched: nothing to delete or verify
-                    summary = resources.TeardownSummary(fleet=self.fleet_id,
+                    summary = teardown.TeardownSummary(fleet=self.fleet_id,
                                                         regions=list(self.regions))
                 kept = {r.id for r in summary.kept}
                 with self._lock:
@@ -699,7 +699,7 @@ class EC2Provider(Provider):
         is the tool for those.
         """
         me = self.owner
-        summary = resources.sweep(
+        summary = teardown.sweep(
             {r: c.ec2 for r, c in self.clients.items()},
             older_than=datetime.timedelta(hours=2),
             select=lambda r: r.owner == me and r.fleet != self.fleet_id)

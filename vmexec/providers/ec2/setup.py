@@ -23,7 +23,7 @@ import time
 from typing import Any, Callable, Mapping, Optional
 
 from vmexec.providers.ec2 import network as client_network
-from vmexec.providers.ec2 import resources
+from vmexec.providers.ec2 import resources, teardown
 from vmexec.providers.ec2.fleet import RegionClients, RegionLaunchSetup
 from vmexec.providers.ec2.images import ImageInfo
 from vmexec.providers.ec2.named import Ledger, NamedFleetState
@@ -182,7 +182,7 @@ class RegionSetups:
                         client_network.allow_groups(ec2, region, group_id,
                                                     access.source_groups)
                     except BaseException:
-                        resources.teardown({region: ec2}, self.fleet_id)
+                        teardown.teardown({region: ec2}, self.fleet_id)
                         raise
             self.reach.uses_group(region, group_id)
             try:
@@ -190,7 +190,7 @@ class RegionSetups:
                 template_id = resources.create_launch_template(
                     ec2, region, fleet_id=self.fleet_id, data=data, tags=self.tags)
             except BaseException:
-                resources.teardown({region: ec2}, self.fleet_id)
+                teardown.teardown({region: ec2}, self.fleet_id)
                 raise
             setup = RegionLaunchSetup(region=region, launch_template_id=template_id,
                                       images=images, subnets=self._facts[region].subnets,
