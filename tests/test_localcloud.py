@@ -35,6 +35,7 @@ import pytest
 
 from vmexec.errors import TransportError
 from vmexec.testing.fakevm import INTERRUPTION_NOTICE, FakeVM, find_processes
+from vmexec.testing.faults import FaultInjector
 from vmexec.testing.localcloud import LocalCloud, OffMachineRequestError
 from vmexec.transports.ssh import SSHTransport, open_ssh_transport
 
@@ -536,6 +537,34 @@ def test_throttling_burst_then_success(cloud: LocalCloud) -> None:
     ec2.describe_instances()
     ec2.describe_regions()
     assert fault.hits == 2
+
+
+def test_one_injector_counts_fleet_pools_or_calls(session: boto3.Session) -> None:
+    # The unit tests' add() counts each CreateFleet pool it hits; LocalCloud's
+    # capacity_error() counts each call (in-process moto: no cloud needed).
+    faults = FaultInjector(session)
+    ec2 = session.client("ec2", region_name=REGION)
+    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    template = ec2.create_launch_template(
+        LaunchTemplateName="counting", LaunchTemplateData={"ImageId": image})
+    subnets = [s["SubnetId"] for s in ec2.describe_subnets()["Subnets"]][:2]
+    request = {
+        "Type": "instant",
+        "TargetCapacitySpecification": {"TotalTargetCapacity": 1,
+                                        "DefaultTargetCapacityType": "on-demand"},
+        "LaunchTemplateConfigs": [{"LaunchTemplateSpecification": {
+            "LaunchTemplateId": template["LaunchTemplate"]["LaunchTemplateId"]},
+            "Overrides": [{"InstanceType": "c7i.large", "SubnetId": s} for s in subnets]}],
+    }
+    per_pool = faults.add("InsufficientInstanceCapacity", times=1)
+    answer = ec2.create_fleet(**request)
+    assert len(answer["Errors"]) == 1 and len(answer["Instances"]) == 1
+    assert per_pool.hits == 1 and faults.faults == []
+    per_call = faults.capacity_error(times=1)
+    answer = ec2.create_fleet(**request)
+    assert len(answer["Errors"]) == 2 and answer["Instances"] == []
+    assert per_call.hits == 1 and faults.faults == []
+    assert [f[4] for f in faults.fired] == ["InsufficientInstanceCapacity"] * 2
 
 
 def test_quota_error(cloud: LocalCloud, launched: list[tuple[str, str]]) -> None:
