@@ -26,7 +26,8 @@ from vmexec.errors import ConfigError
 from vmexec.guardrails.costs import CostGuard
 from vmexec.providers import get_provider_class
 from vmexec.providers.base import MachineRecord, Provider
-from vmexec.scheduler import MapCall, MapItem, Scheduler, WorkItem
+from vmexec.scheduler import Scheduler
+from vmexec.scheduling.items import MapCall, MapItem, WorkItem
 
 T = TypeVar("T")
 

@@ -44,8 +44,6 @@ Must not import: boto3, paramiko, concrete providers or transports (only their b
 
 from __future__ import annotations
 
-import collections
-import itertools
 import logging
 import math
 import os
@@ -54,9 +52,8 @@ import queue
 import threading
 import time
 import weakref
-from concurrent.futures import CancelledError, Future, InvalidStateError
-from concurrent.futures import TimeoutError as FuturesTimeoutError
-from typing import Any, Deque, Optional, cast
+from concurrent.futures import Future
+from typing import Any, Optional, cast
 
 from vmexec import protocol
 from vmexec.config import SchedulerConfig
@@ -74,251 +71,31 @@ from vmexec.guardrails.costs import CostGuard
 from vmexec.guardrails.logs import OutputGuard
 from vmexec.logs import emit_remote
 from vmexec.progress import Progress
-from vmexec.protocol import (FrameReader, Forget, Func, Msg, Ping, Release, Result, Shutdown,
-                             Task, decode, encode_frame, encode_handshake)
+from vmexec.protocol import (Msg, Ping, Release, Result, Shutdown, decode, encode_frame,
+                             encode_handshake)
 from vmexec.providers.base import MachineRecord, Provider
+from vmexec.scheduling.handout import _MAX_CACHED_CALLABLES  # noqa: F401 (tests read it here)
+from vmexec.scheduling.handout import Handout
+from vmexec.scheduling.items import MapItem, WorkItem
+from vmexec.scheduling.machine import Link, Machine
 from vmexec.transports import aio
 from vmexec.transports.base import Transport
 
 logger = logging.getLogger("vmexec.scheduler")
 cost_logger = logging.getLogger("vmexec.cost")
 
-_MAX_EXTRA_WINDOW = 4096
-# Callables cached per machine before the least recently sent unused ones are dropped:
-# submit(partial(f, big_array)) in a loop must not keep every array alive on the machine.
-_MAX_CACHED_CALLABLES = 256
 _HANDSHAKE_TIMEOUT = 60.0
 # How many consecutive launch/connect failures, with no machine alive, break the fleet.
 _MAX_CONSECUTIVE_FAILURES = 3
 
-# Micro-batching of map items (chunksize=1): a batch takes about this long to run, so
-# per-task overhead (a message, a result, a frame share) is paid per batch, while
-# batches stay short enough to balance load and keep results flowing.
-_BATCH_SECONDS = 0.02
-_MAX_BATCH = 512
-BATCH = 2  # TASK's ``chunked`` value for a micro-batch (vmexec.agent.worker.BATCH)
 
 # How often (seconds) the launch demand, a sum over every machine, is recomputed.
 _DEMAND_EVERY = 0.05
-# Work stealing: when the queue is empty and a slot is idle, machines holding queued,
-# unstarted tasks that each take at least this long give them back (RELEASE), so a
-# slow machine in a mixed fleet does not become the tail. Checked at most this often.
-_STEAL_MIN_SECONDS = 0.05
-_STEAL_EVERY = 0.2
 
-_task_ids = itertools.count(1)
 # The inbox entry that says "take what the I/O loop delivered" (_post_from_loop).
 _TAKE_LOOP_BATCH = ("take the I/O loop's batch",)
 # Set on reader threads: they must never write to a transport (see Scheduler.submit).
 _on_reader_thread = threading.local()
-
-
-class WorkItem:
-    """One unit of work: a call, or a chunk of calls from ``map(chunksize>1)``."""
-
-    __slots__ = ("task_id", "future", "digest", "fn_bytes", "call_bytes", "chunked",
-                 "attempts", "label", "started", "batchable")
-
-    def __init__(self, future: Future[Any], digest: bytes, fn_bytes: bytes, call_bytes: bytes,
-                 chunked: bool, label: str, batchable: bool = False) -> None:
-        self.task_id = next(_task_ids)
-        self.future = future
-        self.digest = digest
-        self.fn_bytes = fn_bytes
-        self.call_bytes = call_bytes
-        self.chunked = chunked
-        self.attempts = 0
-        self.label = label
-        self.started = False  # the future was moved to RUNNING (first dispatch)
-        # May travel in a micro-batch with its neighbours (map items, chunksize=1):
-        # invisible to the caller, each keeps its own future, result and exception.
-        self.batchable = batchable
-
-
-_PENDING, _RUNNING, _CANCELLED, _CANCELLED_NOTIFIED, _FINISHED = range(5)
-
-
-class MapCall:
-    """What the items of one ``map(chunksize=1)`` call share: one condition.
-
-    A ``concurrent.futures.Future`` per item costs a Condition, a deque and a list
-    — five objects the garbage collector walks, ~6 µs per item at 100k items, more
-    than all the rest of the client's work. A map item is its own future instead
-    (``MapItem``), one object, and the items of one call wait on this one condition.
-    """
-
-    __slots__ = ("cond", "seconds")
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        # Measured run time of one call of this map (None until the first results):
-        # sizes its micro-batches. Per call, not per function: the same function
-        # mapped over other inputs may take another time.
-        self.seconds: Optional[float] = None
-
-
-class MapItem(WorkItem):
-    """A ``map`` item that is its own future: the subset of ``Future`` that the
-    scheduler and ``map``'s iterator use, with the same states and the same errors
-    (``CancelledError``, ``TimeoutError``, ``InvalidStateError``). Never handed to
-    the user: ``map`` yields values.
-    """
-
-    __slots__ = ("_state", "_value", "_error", "_call", "_waiters")
-
-    def __init__(self, call: MapCall, digest: bytes, fn_bytes: bytes, call_bytes: bytes,
-                 label: str) -> None:
-        super().__init__(self, digest, fn_bytes, call_bytes, False, label,  # type: ignore[arg-type]
-                         batchable=True)
-        self._call = call
-        self._state = _PENDING
-        self._value: Any = None
-        self._error: Optional[BaseException] = None
-        # Threads waiting in result() for this item. Items finish in any order across a
-        # fleet while map's iterator waits for the next one in order: only the item it
-        # waits for wakes it (a notify per finished item meant a wake-up per result).
-        self._waiters = 0
-
-    def set_running_or_notify_cancel(self) -> bool:
-        with self._call.cond:
-            if self._state == _CANCELLED:
-                self._state = _CANCELLED_NOTIFIED
-                return False
-            if self._state != _PENDING:
-                raise InvalidStateError(f"map item {self.task_id} is not pending")
-            self._state = _RUNNING
-            return True
-
-    def _finish(self, value: Any, error: Optional[BaseException]) -> None:
-        cond = self._call.cond
-        with cond:
-            if self._state in (_CANCELLED, _CANCELLED_NOTIFIED, _FINISHED):
-                raise InvalidStateError(f"map item {self.task_id} is already done")
-            self._value, self._error, self._state = value, error, _FINISHED
-            if self._waiters:
-                cond.notify_all()
-
-    def set_result(self, value: Any) -> None:
-        self._finish(value, None)
-
-    def set_exception(self, error: BaseException) -> None:
-        self._finish(None, error)
-
-    def cancel(self) -> bool:
-        if self._state == _FINISHED:  # terminal: no lock needed to see it
-            return False
-        with self._call.cond:
-            if self._state in (_RUNNING, _FINISHED):
-                return False
-            if self._state == _PENDING:
-                self._state = _CANCELLED
-                if self._waiters:
-                    self._call.cond.notify_all()
-            return True
-
-    def done(self) -> bool:
-        return self._state in (_CANCELLED, _CANCELLED_NOTIFIED, _FINISHED)
-
-    def result(self, timeout: Optional[float] = None) -> Any:
-        if self._state == _FINISHED and self._error is None:
-            # Terminal, and written before the state under the lock: no lock needed.
-            value, self._value = self._value, None
-            return value
-        cond = self._call.cond
-        with cond:
-            if self._state != _FINISHED:
-                if self._state in (_CANCELLED, _CANCELLED_NOTIFIED):
-                    raise CancelledError()
-                deadline = None if timeout is None else time.monotonic() + timeout
-                while self._state not in (_FINISHED, _CANCELLED, _CANCELLED_NOTIFIED):
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise FuturesTimeoutError()
-                    self._waiters += 1
-                    try:
-                        cond.wait(remaining)
-                    finally:
-                        self._waiters -= 1
-                if self._state != _FINISHED:
-                    raise CancelledError()
-            error = self._error
-        if error is not None:
-            try:
-                raise error
-            finally:
-                error = None  # no reference cycle through the traceback
-        value, self._value = self._value, None  # the caller holds it now, not us
-        return value
-
-
-class Machine:
-    """The scheduler's view of one connected machine."""
-
-    def __init__(self, record: MachineRecord, transport: Transport, info: dict[str, Any],
-                 slots: int) -> None:
-        self.record = record
-        self.transport = transport
-        self.info = info
-        self.slots = slots
-        self.label = record.label
-        self.inflight: dict[int, WorkItem] = {}
-        # Callables the agent holds (in the order they were sent), and how many tasks
-        # in flight use each: only an unused one may be forgotten.
-        self.digests: dict[bytes, None] = {}
-        self.digest_uses: collections.Counter[bytes] = collections.Counter()
-        self.state = "ready"  # ready -> [draining ->] retiring -> closed, or -> lost
-        self.last_heard = self.started = self.last_sent = time.monotonic()
-        self.idle_since: Optional[float] = self.started
-        self.drain_reason = ""
-        self.rtt = 0.001
-        self.avg_task_seconds: Optional[float] = None
-        self.link: Optional[_Link] = None
-        # Messages waiting to be written, and whether a thread is writing them now
-        # (both guarded by the scheduler lock; see Scheduler._enqueue_locked).
-        self.outbox: list[Any] = []
-        self.writing = False
-        # Micro-batches in flight: the batch's task id (its first item's) -> item ids.
-        self.batches: dict[int, list[int]] = {}
-        self.releasing = False  # a RELEASE was sent and its RELEASED not yet received
-
-    def window(self, batch: int = 1) -> int:
-        """Items this machine may hold: every slot busy, plus what covers a round trip.
-
-        ``batch``: the micro-batch size of the work being handed out; each slot then
-        needs one batch running and one queued behind it, or it idles for a round
-        trip between batches.
-        """
-        if self.avg_task_seconds is None:
-            return self.slots + 2  # until the first results tell us the task length
-        extra = 2 * self.slots * self.rtt / max(self.avg_task_seconds, 1e-6)
-        if batch > 1:
-            return 2 * self.slots * batch + min(_MAX_EXTRA_WINDOW, math.ceil(extra))
-        return self.slots + max(1, min(_MAX_EXTRA_WINDOW, math.ceil(extra)))
-
-    def __repr__(self) -> str:
-        return f"<Machine {self.label} {self.state} slots={self.slots} inflight={len(self.inflight)}>"
-
-
-class _Link:
-    """One connection from its first byte: the vmexec handshake, then the machine's frames.
-
-    A state machine fed by whichever thread the transport delivers on, so that
-    connecting needs no thread of its own: ``magic`` collects the agent's first
-    bytes, ``reader`` its frames; ``machine`` is set once the handshake is done.
-    """
-
-    __slots__ = ("record", "transport", "magic", "reader", "machine", "done", "expired",
-                 "cancel_timer")
-
-    def __init__(self, record: MachineRecord, transport: Transport) -> None:
-        self.record = record
-        self.transport = transport
-        self.magic = b""
-        self.reader = FrameReader()
-        self.machine: Optional[Machine] = None
-        self.done = False  # handshake finished or failed: no second outcome
-        self.expired = False
-        self.cancel_timer: Optional[Any] = None
 
 
 class Scheduler:
@@ -338,7 +115,8 @@ class Scheduler:
         # Wakes the dispatcher: new work, a window freed, a machine joined or was lost,
         # shutdown. Without it the dispatcher would have to poll.
         self._wake = threading.Condition(self._lock)
-        self._pending: Deque[WorkItem] = collections.deque()
+        # The queue, and which machine gets what from it (windows, batches, stealing).
+        self._handout = Handout()
         self._machines: list[Machine] = []
         self._connecting: dict[str, MachineRecord] = {}
         # Machines being shut down: their capacity returns to the provider soon, so a
@@ -368,26 +146,13 @@ class Scheduler:
         # _post_from_loop); swapped out whole under its lock.
         self._loop_batch: list[Any] = []
         self._loop_batch_lock = threading.Lock()
-        # Ready machines that may have room in their window, oldest first. Filled when
-        # a machine joins or results free room, emptied lazily by the passes that find
-        # a machine full: a pass costs what it hands out, not the size of the fleet.
-        self._room: dict[Machine, None] = {}
-        # The subset of ``_room`` with an idle slot (fewer items in flight than slots):
-        # the first loop of a pass walks only these, so a pass costs what it hands out,
-        # not the size of a fleet whose windows are mostly busy.
-        self._free: dict[Machine, None] = {}
         self._holds_loop = False  # this scheduler keeps the I/O loop running
         self._helpers: set[threading.Thread] = set()
         self._pid = os.getpid()  # the process whose exit tears this fleet down
         self._helpers_lock = threading.Lock()
-        # Something happened that a dispatcher pass may act on (work queued, room
-        # freed, a machine joined); cleared by each pass. Keeps the dispatcher from
-        # re-scanning a thousand machines after every frame.
-        self._changed = False
         # Launch demand is a sum over machines: computed at most every _DEMAND_EVERY.
         self._demand_due = 0.0
-        self._steal_due = 0.0
-        self._steal_armed = False  # the dispatcher sleeps until _steal_due (see above)
+        self._steal_armed = False  # the dispatcher sleeps until the next steal check
         self.released_total = 0  # queued tasks machines gave back (work stealing, notices)
         # An idle machine is pinged this often: well within its agent's watchdog and
         # within its dead-man switch's grace, which counts frames *received* from the
@@ -409,8 +174,7 @@ class Scheduler:
                 raise self._broken_error()
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._pending.extend(items)
-            self._changed = True
+            self._handout.add(items)
             self.progress.tasks_added(len(items))
             if self._dispatcher is None:
                 self._dispatcher = threading.Thread(
@@ -424,7 +188,7 @@ class Scheduler:
                 to_flush = []
             else:
                 to_flush = self._take_batches_locked()
-            if self._pending:
+            if self._handout.pending:
                 self._wake.notify()
         for machine in to_flush:
             self._flush(machine)
@@ -454,18 +218,7 @@ class Scheduler:
         inflight = sum(len(m.inflight) for m in self._machines)
         limit = self._max_workers if self._max_workers is not None else \
             self._capacity_locked()
-        keep = max(0, limit + 1 - inflight)
-        kept: Deque[WorkItem] = collections.deque()
-        for item in self._pending:
-            if item.started:
-                kept.append(item)
-            elif len(kept) < keep and item.future.set_running_or_notify_cancel():
-                item.started = True
-                kept.append(item)
-            else:
-                item.future.cancel()
-        self._pending = kept
-        self._changed = True
+        self._handout.cancel_pending(keep=max(0, limit + 1 - inflight))
 
     def machines(self) -> list[Machine]:
         with self._lock:
@@ -473,7 +226,7 @@ class Scheduler:
 
     def outstanding(self) -> int:
         with self._lock:
-            return len(self._pending) + sum(len(m.inflight) for m in self._machines)
+            return len(self._handout.pending) + sum(len(m.inflight) for m in self._machines)
 
     # -- dispatcher -----------------------------------------------------------------
     def _dispatch_loop(self) -> None:
@@ -485,11 +238,12 @@ class Scheduler:
                         now = time.monotonic()
                         delay = next_heartbeat - now
                         armed = False
-                        if self._pending and not self._launching and \
+                        handout = self._handout
+                        if handout.pending and not self._launching and \
                                 not self._provider_exhausted:
                             delay = min(delay, self._demand_due - now)
-                        elif not self._pending and self._changed and self._room:
-                            delay = min(delay, self._steal_due - now)
+                        elif not handout.pending and handout.changed and handout.room:
+                            delay = min(delay, handout.steal_due - now)
                             armed = True
                         if delay <= 0:
                             break
@@ -501,7 +255,7 @@ class Scheduler:
                         break
                     batches = self._take_batches_locked() + self._steal_locked()
                     launch_slots = self._launch_demand_locked()
-                    done = self._shutdown and not self._pending and not any(
+                    done = self._shutdown and not self._handout.pending and not any(
                         m.inflight for m in self._machines)
                 for machine in batches:
                     self._flush(machine)
@@ -522,209 +276,35 @@ class Scheduler:
     def _dispatch_needed_locked(self) -> bool:
         if self._broken is not None:
             return True
-        if self._shutdown and not self._pending and not any(m.inflight for m in self._machines):
+        handout = self._handout
+        if self._shutdown and not handout.pending and not any(m.inflight for m in self._machines):
             return True
-        if not self._pending:
+        if not handout.pending:
             # Room freed with nothing queued: a slot idles; maybe steal (rate-limited).
-            return self._changed and bool(self._room) and time.monotonic() >= self._steal_due
-        if self._changed and self._room:
+            return handout.changed and bool(handout.room) and \
+                time.monotonic() >= handout.steal_due
+        if handout.changed and handout.room:
             return True
         return bool(self._launch_demand_locked(peek=True))
 
     def _room_freed_locked(self, machine: Machine) -> None:
         """``machine``'s window may have room now (results came back, it joined)."""
-        if machine.state == "ready":
-            self._room[machine] = None
-            if len(machine.inflight) < machine.slots:
-                self._free[machine] = None
-            self._changed = True
-            # An idle slot at the tail: maybe steal. Rate-limited: a dispatcher already
-            # sleeping until the next check is not woken (waking it for every result of
-            # a submit() loop cost each round trip a thread switch).
-            if not self._pending and (not self._steal_armed or
-                                      time.monotonic() >= self._steal_due):
-                self._wake.notify()
+        # An idle slot at the tail: maybe steal. Rate-limited: a dispatcher already
+        # sleeping until the next check is not woken (waking it for every result of a
+        # submit() loop cost each round trip a thread switch).
+        if self._handout.room_freed(machine) and (
+                not self._steal_armed or time.monotonic() >= self._handout.steal_due):
+            self._wake.notify()
 
     def _take_batches_locked(self) -> list[Machine]:
-        """Move pending items into machine windows; return the machines to flush.
-
-        Runs on every submit (fast path) and dispatcher pass: its cost per item is the
-        client's cost per task. Each machine's window is computed once per pass, and
-        work is handed out in shares of at least one micro-batch, so a burst of tiny
-        map items becomes a few large TASK messages rather than one per machine.
-        """
-        pending = self._pending
-        self._changed = False
-        room, free_set = self._room, self._free
-        if not pending or not room:
-            return []
-        assigned: dict[Machine, list[WorkItem]] = {}
-
-        def give(machine: Machine, count: int) -> None:
-            items = assigned.get(machine)
-            if items is None:
-                items = assigned[machine] = []
-            inflight = machine.inflight
-            while count > 0 and pending:
-                item = pending.popleft()
-                # PENDING -> RUNNING; False means the user cancelled it while queued.
-                # A re-queued or released item is RUNNING already.
-                if not item.started:
-                    if not item.future.set_running_or_notify_cancel():
-                        continue
-                    item.started = True
-                inflight[item.task_id] = item
-                items.append(item)
-                count -= 1
-            if len(inflight) >= machine.slots:
-                free_set.pop(machine, None)
-
-        # First fill free slots everywhere, a micro-batch each, so work spreads over
-        # machines ...
-        head = pending[0]
-        per_slot = self._batch_size_locked(head) if head.batchable else 1
-        for machine in list(free_set):
-            free = machine.slots - len(machine.inflight)
-            if machine.state != "ready" or free <= 0:
-                del free_set[machine]
-                continue
-            give(machine, free * per_slot)
-            if not pending:
-                break
-        # ... then top up windows with fair shares of what is left, each share at
-        # least one micro-batch. Not while the next item is from a map whose run time
-        # is still unknown: its first calls (one per free slot) are probes, and the
-        # rest waits a round trip to travel in batches. Machines are visited oldest
-        # first; one that is full leaves ``room``, one that got work goes to the back.
-        while pending and room:
-            head = pending[0]
-            if isinstance(head, MapItem) and head._call.seconds is None:
-                break
-            least = self._batch_size_locked(head) if head.batchable else 1
-            share = max(least, math.ceil(len(pending) / len(room)))
-            for machine in list(room):
-                if machine.state != "ready":
-                    del room[machine]
-                    continue
-                free = machine.window(least) - len(machine.inflight)
-                if free > 0:
-                    give(machine, min(share, free))
-                del room[machine]
-                if len(machine.inflight) < machine.window(least):
-                    room[machine] = None  # still room: to the back of the line
-                if not pending:
-                    break
-        to_flush = []
-        for machine, items in assigned.items():
-            if not items:
-                continue
-            messages: list[Any] = []
-            digests, uses = machine.digests, machine.digest_uses
-            batch: list[WorkItem] = []
-            batch_limit = 1
-            for item in items:
-                digest = item.digest
-                if digest not in digests:
-                    messages.append(Func(Msg.FUNC, digest, item.fn_bytes))
-                    digests[digest] = None
-                uses[digest] += 1
-                if item.batchable:
-                    if batch and (batch[0].digest != digest or len(batch) >= batch_limit):
-                        messages.append(self._task_message_locked(machine, batch))
-                        batch = []
-                    if not batch:
-                        batch_limit = self._batch_size_locked(item)
-                    batch.append(item)
-                    continue
-                if batch:
-                    messages.append(self._task_message_locked(machine, batch))
-                    batch = []
-                messages.append(Task(Msg.TASK, item.task_id, digest, item.call_bytes,
-                                 item.chunked))
-            if batch:
-                messages.append(self._task_message_locked(machine, batch))
-            messages.extend(self._forget_unused_locked(machine))
-            if self._enqueue_locked(machine, messages):
-                to_flush.append(machine)
-        return to_flush
+        """Hand queued work out (``Handout.take``); return the machines to flush."""
+        return [machine for machine, messages in self._handout.take()
+                if self._enqueue_locked(machine, messages)]
 
     def _steal_locked(self) -> list[Machine]:
-        """At the tail of the work, take queued tasks back from machines that hold them.
-
-        A task waiting in a busy machine's window while another machine has an idle
-        slot costs that task's whole run time at the end of a job. When the queue is
-        empty and a slot idles, every machine holding more tasks than slots, of a
-        measured length worth it, is sent RELEASE: its agent returns the tasks no
-        worker has started (RELEASED), and they are dispatched again like new ones,
-        to whichever machines have room. Returns the machines to flush.
-        """
-        now = time.monotonic()
-        if self._pending or now < self._steal_due or not self._room:
-            return []
-        self._steal_due = now + _STEAL_EVERY
-        if not any(m.state == "ready" and len(m.inflight) < m.slots for m in self._free):
-            return []
-        flush = []
-        for machine in self._machines:
-            if machine.state != "ready" or machine.releasing or \
-                    len(machine.inflight) <= machine.slots or \
-                    self._queued_seconds_locked(machine) < _STEAL_MIN_SECONDS:
-                continue
-            machine.releasing = True
-            if self._enqueue_locked(machine, [Release(Msg.RELEASE)]):
-                flush.append(machine)
-        return flush
-
-    @staticmethod
-    def _queued_seconds_locked(machine: Machine) -> float:
-        """How long one of the tasks queued last on ``machine`` is expected to take.
-
-        A map's own measurement when the last item handed out belongs to one (the
-        machine's average mixes in earlier work: after an hour of 1 s tasks, a map of
-        1 ms tasks must not be stolen back and forth), else the machine's average.
-        """
-        if machine.inflight:
-            last = next(reversed(machine.inflight.values()))
-            if isinstance(last, MapItem) and last._call.seconds is not None:
-                return last._call.seconds
-        return machine.avg_task_seconds or 0.0
-
-    def _batch_size_locked(self, item: WorkItem) -> int:
-        """Map items per micro-batch: about ``_BATCH_SECONDS`` of measured work.
-
-        1 until the map's first results tell its run time. The batch's own length
-        bounds what batching can cost: the last batch of a map ends at most that much
-        after the others, and a result waits at most that long for its batch-mates.
-        """
-        seconds = item._call.seconds if isinstance(item, MapItem) else None
-        if seconds is None:
-            return 1
-        return max(1, min(_MAX_BATCH, int(_BATCH_SECONDS / max(seconds, 1e-7))))
-
-    def _task_message_locked(self, machine: Machine, batch: list[WorkItem]) -> tuple[Any, ...]:
-        """The TASK message for one map item, or for a micro-batch of them."""
-        first = batch[0]
-        if len(batch) == 1:
-            return Task(Msg.TASK, first.task_id, first.digest, first.call_bytes, first.chunked)
-        machine.batches[first.task_id] = [item.task_id for item in batch]
-        calls = pickle.dumps([(item.task_id, item.call_bytes) for item in batch],
-                             protocol.PICKLE_PROTOCOL)
-        return Task(Msg.TASK, first.task_id, first.digest, calls, BATCH)
-
-    def _forget_unused_locked(self, machine: Machine) -> list[Any]:
-        """FORGET messages for the oldest cached callables no in-flight task uses."""
-        excess = len(machine.digests) - _MAX_CACHED_CALLABLES
-        if excess <= 0:
-            return []
-        forget = [d for d in machine.digests if not machine.digest_uses[d]][:excess]
-        for digest in forget:
-            del machine.digests[digest]
-            machine.digest_uses.pop(digest, None)
-        return [Forget(Msg.FORGET, digest) for digest in forget]
-
-    def _left_machine_locked(self, machine: Machine, item: WorkItem) -> None:
-        """Bookkeeping when ``item`` is no longer in flight on ``machine``."""
-        machine.digest_uses[item.digest] -= 1
+        """Ask machines to give queued tasks back (``Handout.steal``); to flush."""
+        return [machine for machine in self._handout.steal(self._machines)
+                if self._enqueue_locked(machine, [Release(Msg.RELEASE)])]
 
     def _enqueue_locked(self, machine: Machine, messages: list[Any]) -> bool:
         """Queue messages for ``machine``; True when the caller must ``_flush`` it.
@@ -812,7 +392,7 @@ class Scheduler:
                     continue
                 if machine.state == "draining":
                     retire.append((machine, machine.drain_reason))
-                elif (keepalive is not None and not self._pending
+                elif (keepalive is not None and not self._handout.pending
                       and machine.idle_since is not None
                       and now - machine.idle_since >= keepalive):
                     retire.append((machine, f"idle for {now - machine.idle_since:.0f}s "
@@ -851,14 +431,14 @@ class Scheduler:
         A sum over every machine: computed at most every ``_DEMAND_EVERY`` seconds
         (the dispatcher wakes up for it), not on every pass of a thousand-machine fleet.
         """
-        if self._launching or self._provider_exhausted or self._shutdown and not self._pending:
+        if self._launching or self._provider_exhausted or self._shutdown and not self._handout.pending:
             return 0
         now = time.monotonic()
         if now < self._demand_due:
             return 0
         if not peek:
             self._demand_due = now + _DEMAND_EVERY
-        demand = len(self._pending) + sum(len(m.inflight) for m in self._machines)
+        demand = len(self._handout.pending) + sum(len(m.inflight) for m in self._machines)
         if self._max_workers is not None:
             demand = min(demand, self._max_workers)
         missing = demand - self._capacity_locked()
@@ -1006,7 +586,7 @@ class Scheduler:
 
     def _attach(self, record: MachineRecord, transport: Transport) -> None:
         """Start reading ``transport``: the handshake first, bounded by a timer."""
-        link = _Link(record, transport)
+        link = Link(record, transport)
         if transport.shared_thread:
             def on_data(data: bytes) -> None:
                 self._post_from_loop(self._link_data, link, data)
@@ -1023,13 +603,13 @@ class Scheduler:
         link.cancel_timer = aio.call_later(_HANDSHAKE_TIMEOUT, self._handshake_expired, link)
         transport.start(on_data, on_closed)
 
-    def _handshake_expired(self, link: _Link) -> None:
+    def _handshake_expired(self, link: Link) -> None:
         # On the I/O loop: only close; the closed callback reports it.
         if not link.done:
             link.expired = True
             link.transport.close()
 
-    def _link_data(self, link: _Link, data: bytes) -> None:
+    def _link_data(self, link: Link, data: bytes) -> None:
         machine = link.machine
         if machine is not None:
             machine.last_heard = time.monotonic()
@@ -1048,7 +628,7 @@ class Scheduler:
                 link.cancel_timer()
             self._connect_failed(link.record, link.transport, exc)
 
-    def _link_closed(self, link: _Link, reason: str) -> None:
+    def _link_closed(self, link: Link, reason: str) -> None:
         machine = link.machine
         if machine is None:
             if link.done:
@@ -1069,7 +649,7 @@ class Scheduler:
             diagnostics = link.transport.diagnostics()
             self._machine_lost(machine, reason + (f" ({diagnostics})" if diagnostics else ""))
 
-    def _handshake_data(self, link: _Link, data: bytes) -> Optional[dict[str, Any]]:
+    def _handshake_data(self, link: Link, data: bytes) -> Optional[dict[str, Any]]:
         """Feed the agent's first bytes; its hello once complete, else None."""
         record, transport = link.record, link.transport
         need = len(protocol.MAGIC) - len(link.magic)
@@ -1091,7 +671,7 @@ class Scheduler:
         hello: dict[str, Any] = protocol.decode_handshake(frames[0])
         return hello
 
-    def _finish_handshake(self, link: _Link, hello: dict[str, Any]) -> None:
+    def _finish_handshake(self, link: Link, hello: dict[str, Any]) -> None:
         """Check the agent's hello, send ours, and hand the machine to the dispatcher."""
         record, transport = link.record, link.transport
         protocol.check_compatible(self._local_info, hello, where=f"machine {record.label}")
@@ -1141,7 +721,7 @@ class Scheduler:
                              info: dict[str, Any]) -> Optional[Machine]:
         slots = info["slots"]
         machine = Machine(record, transport, info, slots)
-        if self._broken is not None or (self._shutdown and not self._pending):
+        if self._broken is not None or (self._shutdown and not self._handout.pending):
             machine.state = "closed"
             self._spawn(self._close_machine, (machine,), f"vmexec-close-{machine.label}")
             return None
@@ -1169,7 +749,7 @@ class Scheduler:
         """Break the fleet when work is waiting and no machine can ever take it."""
         with self._lock:
             alive = any(m.state in ("ready", "draining") for m in self._machines)
-            waiting = bool(self._pending) or any(m.inflight for m in self._machines)
+            waiting = bool(self._handout.pending) or any(m.inflight for m in self._machines)
             hopeless = self._provider_exhausted or \
                 self._consecutive_failures >= _MAX_CONSECUTIVE_FAILURES
             if self._closing and self._provider.can_replace():
@@ -1224,13 +804,13 @@ class Scheduler:
             for message in finished:
                 item = machine.inflight.pop(message.task_id, None)
                 if item is not None:
-                    self._left_machine_locked(machine, item)
+                    machine.digest_uses[item.digest] -= 1
                     resolved.append((item, message))
             failed = []
             for task_id, why in lost:
                 item = machine.inflight.pop(task_id, None)
                 if item is not None:
-                    self._left_machine_locked(machine, item)
+                    machine.digest_uses[item.digest] -= 1
                     error = self._requeue_or_fail_locked(item, f"worker on machine "
                                                               f"{machine.label}: {why}")
                     if error is not None:
@@ -1239,7 +819,7 @@ class Scheduler:
                 self._room_freed_locked(machine)
             # After shutdown() the dispatcher waits for the last in-flight result to
             # tear the fleet down: wake it, or it sleeps until the next heartbeat.
-            if self._pending or self._shutdown:
+            if self._handout.pending or self._shutdown:
                 self._wake.notify()
         for item, message in resolved:
             self._resolve(machine, item, message)
@@ -1295,16 +875,15 @@ class Scheduler:
             items = [machine.inflight.pop(task_id, None) for task_id in task_ids]
             for item in items:
                 if item is not None:
-                    self._left_machine_locked(machine, item)
+                    machine.digest_uses[item.digest] -= 1
             # Never started: back to the front of the queue, no attempt counted.
             back = [i for i in items if i is not None]
-            for item in reversed(back):
-                self._pending.appendleft(item)
+            self._handout.put_back(back)
             self.released_total += len(back)
         if back:
             logger.info("took %d queued task(s) back from machine %s", len(back), machine.label)
         with self._lock:
-            self._changed = True
+            self._handout.changed = True
             self._wake.notify()
 
     def _resolve(self, machine: Machine, item: WorkItem, message: Result) -> None:
@@ -1352,8 +931,7 @@ class Scheduler:
                 "task; raise max_retries to try more often.")
         logger.info("re-queueing %s (attempt %d): %s", item.label, item.attempts + 1, why)
         self.progress.task_retried()
-        self._pending.appendleft(item)
-        self._changed = True
+        self._handout.put_back([item])
         return None
 
     # -- machine loss, breaking, teardown -------------------------------------------
@@ -1416,8 +994,8 @@ class Scheduler:
             if cause is not None:
                 error.__cause__ = cause
             self._broken = error
-            items = list(self._pending)
-            self._pending.clear()
+            items = list(self._handout.pending)
+            self._handout.pending.clear()
             for machine in self._machines:
                 items.extend(machine.inflight.values())
                 machine.inflight.clear()
