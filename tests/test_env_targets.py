@@ -53,7 +53,8 @@ def test_a_wheel_for_the_images_glibc_is_accepted(new_glibc_wheels: Path) -> Non
 
 def test_an_ec2_plan_on_amazon_linux_2023_targets_glibc_2_34(
         session: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    import vmexec.providers.ec2 as ec2_module
+    # Discovery (before anything is created) prepares the environment for the plan.
+    import vmexec.providers.ec2.discovery as discovery
 
     seen: dict[str, Any] = {}
 
@@ -61,7 +62,7 @@ def test_an_ec2_plan_on_amazon_linux_2023_targets_glibc_2_34(
         seen.update(options, archs=archs)
         return None
 
-    monkeypatch.setattr(ec2_module, "prepare_environment", prepare)
+    monkeypatch.setattr(discovery, "prepare_environment", prepare)
     provider = EC2Provider(2, instance_type=["c7g.large", "c7i.large"], regions="us-east-1",
                            ssh_cidr=TEST_CIDR, session=session, handle_signals=False,
                            environment=["numpy"])
