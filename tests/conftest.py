@@ -67,6 +67,20 @@ FULL_SUITE_TESTS = {
         "waits for a dropped connection to be noticed",
     "test_env_stage.py::test_compiled_local_package_is_built_by_the_first_machine_and_shared":
         "builds a compiled package",
+    "test_cleanup_owner.py::test_cleanup_deletes_only_the_callers_resources_unless_all_owners":
+        "`vmexec cleanup` sweeps every region of a moto server, twice",
+    "test_cleanup_owner.py::test_cleanup_deletes_exactly_what_it_listed":
+        "`vmexec cleanup` sweeps every region of a moto server",
+    "test_named_adoption.py::test_an_instance_without_an_owner_tag_is_never_adopted":
+        "two fleets on moto",
+    "test_named_adoption.py::test_a_security_group_this_computer_did_not_create_is_refused":
+        "two fleets on moto",
+    "test_budget.py::test_find_leftovers_reports_a_failed_query": "queries every region",
+    "test_budget.py::test_find_leftovers_names_an_earlier_fleet": "queries every region",
+    "test_ec2_teardown.py::test_interpreter_exit_tears_the_fleet_down": "a client in a subprocess",
+    "test_guardrails_output.py::test_chatty_worker_gets_one_warning_and_bounded_memory":
+        "a worker printing megabytes",
+    "test_cli_guardrails.py::test_doctor_against_moto": "`vmexec doctor` checks every region",
 }
 
 TESTS = Path(__file__).resolve().parent
