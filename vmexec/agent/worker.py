@@ -28,13 +28,17 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from vmexec.protocol import READ_SIZE, FrameReader, Msg, decode, dumps_value, encode_frame
+from vmexec.protocol import (READ_SIZE, FrameReader, InitFailed, Log, Msg, Result, decode,
+                             dumps_value, encode_frame)
 
 # A result shorter than this is held back while more tasks of the same batch are
 # waiting, so that a burst of trivial tasks goes back in one frame instead of one
 # syscall each. A slower task flushes at once: its latency matters more than batching.
 _BATCH_TASK_SECONDS = 0.0002
 _BATCH_MAX_RESULTS = 256
+# Gives a result its type at a third of the cost of calling Result (~0.15 µs against
+# ~0.45): one is built per task.
+_new = tuple.__new__
 
 
 class _ForwardingHandler(logging.Handler):
@@ -49,7 +53,7 @@ class _ForwardingHandler(logging.Handler):
             text = self.format(record)
         except Exception:  # a bad format string must not kill the task
             text = f"{record.msg!r} % {record.args!r}"
-        self._outbox.append((Msg.LOG, os.getpid(), "log", record.levelno, record.name, text))
+        self._outbox.append(Log(Msg.LOG, os.getpid(), "log", record.levelno, record.name, text))
 
 
 def _set_parent_death_signal() -> None:
@@ -120,7 +124,7 @@ def run_worker(
             init_fn, init_args = cloudpickle.loads(initializer)
             init_fn(*init_args)
         except BaseException:
-            outbox.append((Msg.INIT_FAILED, traceback.format_exc()))
+            outbox.append(InitFailed(Msg.INIT_FAILED, traceback.format_exc()))
             flush()
             return 3
 
@@ -137,30 +141,30 @@ def run_worker(
         messages: list[Any] = []
         for payload in reader.feed(data):
             messages.extend(decode(payload))
-        remaining_tasks = sum(1 for m in messages if m[0] == Msg.TASK)
+        remaining_tasks = sum(1 for m in messages if m.kind == Msg.TASK)
         for message in messages:
-            kind = message[0]
+            kind = message.kind
             if kind == Msg.FUNC:
-                funcs[message[1]] = message[2]
+                funcs[message.digest] = message.callable_bytes
                 continue
             if kind == Msg.FORGET:
-                funcs.pop(message[1], None)
+                funcs.pop(message.digest, None)
                 continue
             if kind != Msg.TASK:
                 continue
-            _, task_id, digest, args_bytes, chunked = message
+            task_id = message.task_id
             remaining_tasks -= 1
             started = time.perf_counter()
             try:
-                fn, call = _unpickle_task(funcs, digest, args_bytes)
-                value = _call(fn, call, chunked)
+                fn, call = _unpickle_task(funcs, message.digest, message.args)
+                value = _call(fn, call, message.chunked)
                 payload_out = dumps_value(value, cloudpickle.dumps)
                 ok = True
             except BaseException as exc:
                 payload_out = _describe_exception(exc)
                 ok = False
             elapsed = time.perf_counter() - started
-            outbox.append((Msg.RESULT, task_id, ok, payload_out, elapsed))
+            outbox.append(_new(Result, (Msg.RESULT, task_id, ok, payload_out, elapsed)))
             done += 1
             if (
                 remaining_tasks == 0
@@ -210,7 +214,10 @@ BATCH = 2
 def _call(fn: Callable[..., Any], call: Any, chunked: Any) -> Any:
     if chunked == BATCH:
         # Separate calls (map items with chunksize=1) sent as one task to save per-task
-        # overhead: each succeeds or fails on its own, as if sent alone.
+        # overhead: each succeeds or fails on its own, as if sent alone. Each outcome is
+        # a plain tuple, not a message: it travels inside the batch's one RESULT, and a
+        # named type would cost every item ~0.1-0.4 µs (the client names them when it
+        # splits the batch).
         return [_call_one(fn, item_id, data) for item_id, data in call]
     if chunked:
         # One work item holding many calls, as ProcessPoolExecutor's _process_chunk.
@@ -221,7 +228,8 @@ def _call(fn: Callable[..., Any], call: Any, chunked: Any) -> Any:
 
 def _call_one(fn: Callable[..., Any], item_id: int, data: bytes
               ) -> tuple[int, bool, bytes, float]:
-    """One call of a micro-batch: ``(item id, ok, pickled value or error, seconds)``."""
+    """One call of a micro-batch: ``(item id, ok, pickled value or error, seconds)``,
+    the fields of a ``Result`` after its kind (a plain tuple: see ``_call``)."""
     started = time.perf_counter()
     try:
         args, kwargs = _unpickle(data, "arguments")
