@@ -57,7 +57,6 @@ from typing import Any, Optional, cast
 
 from vmexec import protocol
 from vmexec.config import SchedulerConfig
-from vmexec.environment.spec import check_skew
 from vmexec.errors import (
     BrokenFleet,
     EnvSyncError,
@@ -73,11 +72,12 @@ from vmexec.logs import emit_remote
 from vmexec.progress import Progress
 from vmexec.protocol import (Msg, Ping, Release, Result, Shutdown, decode, encode_frame,
                              encode_handshake)
-from vmexec.providers.base import MachineRecord, Provider
+from vmexec.providers.base import MachineRecord, MachineState, Provider
 from vmexec.scheduling.handout import _MAX_CACHED_CALLABLES  # noqa: F401 (tests read it here)
 from vmexec.scheduling.handout import Handout
 from vmexec.scheduling.items import MapItem, WorkItem
-from vmexec.scheduling.machine import Link, Machine
+from vmexec.scheduling.machine import Link, Machine, Phase
+from vmexec.skew import check_skew
 from vmexec.transports import aio
 from vmexec.transports.base import Transport
 
@@ -325,7 +325,7 @@ class Scheduler:
         while True:
             with self._lock:
                 messages = machine.outbox
-                if not messages or machine.state not in ("ready", "draining", "retiring"):
+                if not messages or machine.state not in (Phase.READY, Phase.DRAINING, Phase.RETIRING):
                     machine.outbox = []
                     machine.writing = False
                     return
@@ -347,7 +347,7 @@ class Scheduler:
                 return
         self._scale_in(now)
         for machine in self.machines():
-            if machine.state not in ("ready", "draining"):
+            if machine.state not in (Phase.READY, Phase.DRAINING):
                 continue
             silent = now - machine.last_heard
             if silent > self._config.heartbeat_timeout:
@@ -382,15 +382,15 @@ class Scheduler:
                     machine.idle_since = None
                 elif machine.idle_since is None:
                     machine.idle_since = now
-                if lifetime is not None and machine.state == "ready" and \
+                if lifetime is not None and machine.state == Phase.READY and \
                         now - machine.started > lifetime:
-                    machine.state = "draining"  # no new work; off once it is idle
+                    machine.state = Phase.DRAINING  # no new work; off once it is idle
                     machine.drain_reason = "max_lifetime reached"
                     logger.info("machine %s reached max_lifetime (%.0fs): draining",
                                 machine.label, lifetime)
                 if machine.inflight:
                     continue
-                if machine.state == "draining":
+                if machine.state == Phase.DRAINING:
                     retire.append((machine, machine.drain_reason))
                 elif (keepalive is not None and not self._handout.pending
                       and machine.idle_since is not None
@@ -401,7 +401,7 @@ class Scheduler:
             for machine, _ in retire:
                 # SHUTDOWN goes through the ordinary outbox, so it cannot interleave
                 # with a frame another thread is writing; "retiring" still flushes.
-                machine.state = "retiring"
+                machine.state = Phase.RETIRING
                 self._machines.remove(machine)
                 self._closing.add(machine)
                 flush.append(self._enqueue_locked(machine, [Shutdown(Msg.SHUTDOWN)]))
@@ -419,10 +419,10 @@ class Scheduler:
             while machine.writing and time.monotonic() < deadline:
                 time.sleep(0.01)
         self._close_machine(machine)
-        machine.state = "closed"
+        machine.state = Phase.CLOSED
 
     def _capacity_locked(self) -> int:
-        live = sum(m.slots for m in self._machines if m.state == "ready")
+        live = sum(m.slots for m in self._machines if m.state == Phase.READY)
         return live + self._booting_slots
 
     def _launch_demand_locked(self, peek: bool = False) -> int:
@@ -645,7 +645,7 @@ class Scheduler:
                        f"({reason}). {diagnostics}")
             self._connect_failed(link.record, link.transport, TransportError(why.strip()))
             return
-        if machine.state in ("ready", "draining"):
+        if machine.state in (Phase.READY, Phase.DRAINING):
             diagnostics = link.transport.diagnostics()
             self._machine_lost(machine, reason + (f" ({diagnostics})" if diagnostics else ""))
 
@@ -683,7 +683,7 @@ class Scheduler:
         slots = record.slots or int(hello.get("cpu_count", 1))
         with self._lock:
             if self._max_workers is not None:
-                used = sum(m.slots for m in self._machines if m.state == "ready")
+                used = sum(m.slots for m in self._machines if m.state == Phase.READY)
                 slots = max(1, min(slots, self._max_workers - used))
         hello["slots"] = slots
         transport.write(encode_handshake({
@@ -722,11 +722,11 @@ class Scheduler:
         slots = info["slots"]
         machine = Machine(record, transport, info, slots)
         if self._broken is not None or (self._shutdown and not self._handout.pending):
-            machine.state = "closed"
+            machine.state = Phase.CLOSED
             self._spawn(self._close_machine, (machine,), f"vmexec-close-{machine.label}")
             return None
         self._machines.append(machine)
-        record.state = "ready"
+        record.state = MachineState.READY
         logger.info("machine %s ready: %s %s, Python %s, %d slots", record.label,
                     info.get("hostname"), info.get("arch"),
                     ".".join(map(str, info.get("python", ())[:3])), slots)
@@ -748,7 +748,7 @@ class Scheduler:
     def _check_starved(self) -> None:
         """Break the fleet when work is waiting and no machine can ever take it."""
         with self._lock:
-            alive = any(m.state in ("ready", "draining") for m in self._machines)
+            alive = any(m.state in (Phase.READY, Phase.DRAINING) for m in self._machines)
             waiting = bool(self._handout.pending) or any(m.inflight for m in self._machines)
             hopeless = self._provider_exhausted or \
                 self._consecutive_failures >= _MAX_CONSECUTIVE_FAILURES
@@ -856,10 +856,10 @@ class Scheduler:
         logger.warning("machine %s is going away (%s): moving its queued tasks", machine.label,
                        text)
         with self._lock:
-            if machine.state != "ready":
+            if machine.state != Phase.READY:
                 return
-            machine.state = "draining"
-            machine.record.state = "draining"  # providers stop counting it: a replacement may launch
+            machine.state = Phase.DRAINING
+            machine.record.state = MachineState.DRAINING  # providers stop counting it: a replacement may launch
             machine.drain_reason = f"going away ({text})"
             must_flush = self._enqueue_locked(machine, [Release(Msg.RELEASE)])
             self._wake.notify()
@@ -937,10 +937,10 @@ class Scheduler:
     # -- machine loss, breaking, teardown -------------------------------------------
     def _machine_lost(self, machine: Machine, reason: str) -> None:
         with self._lock:
-            if machine.state not in ("ready", "draining"):
+            if machine.state not in (Phase.READY, Phase.DRAINING):
                 return
-            machine.state = "lost"
-            machine.record.state = "lost"
+            machine.state = Phase.LOST
+            machine.record.state = MachineState.LOST
             items = sorted(machine.inflight.values(), key=lambda i: i.task_id, reverse=True)
             machine.inflight.clear()
             machine.batches.clear()
@@ -1011,7 +1011,7 @@ class Scheduler:
             self._closed.set()
             machines = list(self._machines)
             for machine in machines:
-                machine.state = "closed"
+                machine.state = Phase.CLOSED
         for machine in machines:
             try:
                 machine.transport.write(encode_frame([Shutdown(Msg.SHUTDOWN)]))

@@ -25,7 +25,7 @@ from typing import Any, Deque
 from vmexec import protocol
 from vmexec.protocol import Forget, Func, Msg, Task
 from vmexec.scheduling.items import MapItem, WorkItem
-from vmexec.scheduling.machine import Machine
+from vmexec.scheduling.machine import Machine, Phase
 
 # Callables cached per machine before the least recently sent unused ones are dropped:
 # submit(partial(f, big_array)) in a loop must not keep every array alive on the machine.
@@ -79,7 +79,7 @@ class Handout:
         True when nothing is queued: a slot idles at the tail, and a steal check may
         be worth waking the dispatcher for.
         """
-        if machine.state != "ready":
+        if machine.state != Phase.READY:
             return False
         self.room[machine] = None
         if len(machine.inflight) < machine.slots:
@@ -143,7 +143,7 @@ class Handout:
         per_slot = self.batch_size(head) if head.batchable else 1
         for machine in list(free_set):
             free = machine.slots - len(machine.inflight)
-            if machine.state != "ready" or free <= 0:
+            if machine.state != Phase.READY or free <= 0:
                 del free_set[machine]
                 continue
             give(machine, free * per_slot)
@@ -161,7 +161,7 @@ class Handout:
             least = self.batch_size(head) if head.batchable else 1
             share = max(least, math.ceil(len(pending) / len(room)))
             for machine in list(room):
-                if machine.state != "ready":
+                if machine.state != Phase.READY:
                     del room[machine]
                     continue
                 free = machine.window(least) - len(machine.inflight)
@@ -219,11 +219,11 @@ class Handout:
         if self.pending or now < self.steal_due or not self.room:
             return []
         self.steal_due = now + _STEAL_EVERY
-        if not any(m.state == "ready" and len(m.inflight) < m.slots for m in self.free):
+        if not any(m.state == Phase.READY and len(m.inflight) < m.slots for m in self.free):
             return []
         release = []
         for machine in machines:
-            if machine.state != "ready" or machine.releasing or \
+            if machine.state != Phase.READY or machine.releasing or \
                     len(machine.inflight) <= machine.slots or \
                     self.queued_seconds(machine) < _STEAL_MIN_SECONDS:
                 continue

@@ -8,6 +8,7 @@ Must not import: boto3, paramiko, concrete providers or transports (only their b
 from __future__ import annotations
 
 import collections
+import enum
 import math
 import time
 from typing import Any, Optional
@@ -16,6 +17,25 @@ from vmexec.protocol import FrameReader
 from vmexec.providers.base import MachineRecord
 from vmexec.scheduling.items import WorkItem
 from vmexec.transports.base import Transport
+
+class Phase(str, enum.Enum):
+    """Where a connected machine is, as the scheduler sees it.
+
+    ``READY`` takes work; ``DRAINING`` takes none and is turned off once idle (going
+    away, or past ``max_lifetime``); ``RETIRING`` is being shut down; ``CLOSED`` is
+    gone; ``LOST`` stopped answering or its connection broke (its tasks re-queued).
+    The provider's ``MachineRecord.state`` follows (``providers.base.MachineState``).
+    """
+
+    READY = "ready"
+    DRAINING = "draining"
+    RETIRING = "retiring"
+    CLOSED = "closed"
+    LOST = "lost"
+
+    def __str__(self) -> str:
+        return self.value
+
 
 # A machine's window beyond its slots never exceeds this many items.
 _MAX_EXTRA_WINDOW = 4096
@@ -36,7 +56,7 @@ class Machine:
         # in flight use each: only an unused one may be forgotten.
         self.digests: dict[bytes, None] = {}
         self.digest_uses: collections.Counter[bytes] = collections.Counter()
-        self.state = "ready"  # ready -> [draining ->] retiring -> closed, or -> lost
+        self.state = Phase.READY  # READY -> [DRAINING ->] RETIRING -> CLOSED, or -> LOST
         self.last_heard = self.started = self.last_sent = time.monotonic()
         self.idle_since: Optional[float] = self.started
         self.drain_reason = ""
