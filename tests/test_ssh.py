@@ -319,6 +319,62 @@ def test_hashed_known_hosts_entries_match(sshd: SSHServer, tmp_path: Path) -> No
     connect(sshd, known_hosts=str(known), command="true").close()
 
 
+def test_known_hosts_is_read_as_openssh_writes_it(tmp_path: Path) -> None:
+    """transports.hostkeys reads known_hosts without an SSH library: patterns, negations,
+    hashed names, @revoked; unreadable lines (and @cert-authority) are skipped."""
+    import base64
+    import hashlib
+    import hmac
+
+    from vmexec.transports import hostkeys
+
+    def blob(*parts: bytes) -> bytes:
+        return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+    ed = blob(b"ssh-ed25519", bytes(range(32)))
+    ec = blob(b"ecdsa-sha2-nistp256", b"nistp256", b"\x04" + bytes(64))
+    rsa = blob(b"ssh-rsa", b"\x01\x00\x01", b"\x00" + bytes(range(1, 129)))
+    salt = bytes(20)
+    hashed = "|1|{}|{}".format(
+        base64.b64encode(salt).decode(),
+        base64.b64encode(hmac.new(salt, b"[10.0.0.9]:2222", hashlib.sha1).digest()).decode())
+    b64 = {k: base64.b64encode(v).decode() for k, v in (("ed", ed), ("ec", ec), ("rsa", rsa))}
+    known = tmp_path / "known_hosts"
+    known.write_text("\n".join([
+        f"host1,Host2 ssh-ed25519 {b64['ed']}",                          # 1
+        f"*.example.com,!bad.example.com ecdsa-sha2-nistp256 {b64['ec']}",  # 2
+        f"{hashed} rsa-sha2-512 {b64['rsa']}",                           # 3: ssh-rsa
+        f"@revoked * ssh-rsa {b64['rsa']}",                              # 4
+        f"@cert-authority * ssh-ed25519 {b64['ed']}",
+        "host1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA",                   # truncated
+        f"host1 ssh-dss {b64['ed']}",                                     # unknown type
+        f"host1 ssh-ed25519 {b64['rsa']}",                                # type mismatch
+        f"|1|garbage|zzz ssh-ed25519 {b64['ed']}",                        # bad hash
+        "# a comment", "", "host1",
+    ]) + "\n")
+
+    def lines(host: str, port: int = 22) -> list[tuple[str, int, bool]]:
+        keys = hostkeys.known_host_keys(str(known), host, port)
+        found = hostkeys.KnownHosts.load(str(known)).lookup(hostkeys.lookup_name(host, port))
+        assert [(k.key_type, k.blob, k.revoked) for k in found] == keys
+        return [(k.key_type, k.lineno, k.revoked) for k in found]
+
+    assert lines("HOST2") == [("ssh-ed25519", 1, False), ("ssh-rsa", 4, True)]
+    assert lines("a.example.com") == [("ecdsa-sha2-nistp256", 2, False), ("ssh-rsa", 4, True)]
+    assert lines("bad.example.com") == [("ssh-rsa", 4, True)]
+    assert lines("10.0.0.9", 2222) == [("ssh-rsa", 3, False), ("ssh-rsa", 4, True)]
+
+    def offer(kind: str, key: bytes) -> None:
+        hostkeys.check_offered_host_key(kind, key, known_hosts=str(known), host="host1",
+                                        port=22, user="u", policy="reject")
+
+    offer("ssh-ed25519", ed)
+    with pytest.raises(HostKeyError, match="@revoked"):
+        offer("ssh-rsa", rsa)
+    with pytest.raises(HostKeyError, match="CHANGED"):
+        offer("ecdsa-sha2-nistp256", ec)
+
+
 @pytest.mark.ssh
 @pytest.mark.parametrize("policy", ["reject", "accept-new"])
 @pytest.mark.parametrize("kind", ["ed25519", "rsa"])

@@ -5,13 +5,16 @@ public-key authentication, ``exec``), all bounded by one deadline, and exposing 
 channel as a ``Transport``: ``read`` is the command's stdout, ``write`` its stdin, and a
 small background thread keeps the last few KB of its stderr for ``diagnostics()``.
 
-Every paramiko and socket error is translated into ``TransportError`` (or
-``HostKeyError``) by ``_translate``, the one place that knows paramiko's exception types,
-so callers see one error type whose message names ``user@host:port`` and the next step.
+Every paramiko and socket error is translated into ``TransportError`` by ``_translate``,
+the one place that knows paramiko's exception types, so callers see one error type
+(``HostKeyError`` for a refused host key) whose message names ``user@host:port`` and the
+next step.
 
 Host keys follow OpenSSH's ``StrictHostKeyChecking``: ``"reject"`` (= ``yes``) refuses a
 host whose key is not in known_hosts, ``"accept-new"`` records an unknown key and
-carries on. A key that differs from a known one is refused under every policy.
+carries on. A key that differs from a known one is refused under every policy. The
+known_hosts file and the policies are ``transports.hostkeys``'s (shared with the
+asyncssh transport); this module only hands it the key the server offered.
 
 paramiko is imported here and nowhere else in vmexec.
 Must not import: providers, scheduler, executor, protocol.
@@ -19,13 +22,10 @@ Must not import: providers, scheduler, executor, protocol.
 
 from __future__ import annotations
 
-import base64
 import errno
 import functools
-import hashlib
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -34,8 +34,20 @@ from typing import Any, Optional
 
 import paramiko
 
-from vmexec.errors import ConfigError, HostKeyError, TransportError
+from vmexec.errors import ConfigError, TransportError
 from vmexec.transports.base import Transport
+from vmexec.transports.hostkeys import (
+    DEFAULT_KNOWN_HOSTS,
+    HOST_KEY_POLICIES,
+    KnownHosts,
+    KnownKey,
+    check_host_key,
+    check_offered_host_key,
+    fingerprint_blob,
+    format_address,
+    known_host_keys,
+    lookup_name,
+)
 
 __all__ = [
     "SSHTransport",
@@ -44,12 +56,13 @@ __all__ = [
     "DEFAULT_KNOWN_HOSTS",
     "format_address",
     "fingerprint",
+    # Host keys live in transports.hostkeys; importable from here as before.
+    "known_host_keys",
+    "check_offered_host_key",
+    "check_key_file",
 ]
 
 log = logging.getLogger(__name__)
-
-HOST_KEY_POLICIES = ("reject", "accept-new")
-DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 
 #: How much of the remote command's stderr ``diagnostics()`` keeps (the tail).
 STDERR_TAIL_BYTES = 8192
@@ -66,20 +79,10 @@ _PARAMIKO_LOG = "paramiko.transport.vmexec"
 
 _FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
-# Appends to a known_hosts file from several connecting threads must not interleave.
-_KNOWN_HOSTS_LOCK = threading.Lock()
-
-
-def format_address(user: Optional[str], host: str, port: int) -> str:
-    """Return ``user@host:port`` (IPv6 hosts in brackets), the label used in messages."""
-    shown = f"[{host}]" if ":" in host else host
-    return f"{user}@{shown}:{port}" if user else f"{shown}:{port}"
-
 
 def fingerprint(key: paramiko.PKey) -> str:
     """Return the OpenSSH-style fingerprint of a public key (``SHA256:...``)."""
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+    return fingerprint_blob(key.asbytes())
 
 
 class SSHTransport(Transport):
@@ -342,9 +345,9 @@ def open_ssh_transport(
             remaining = max(0.001, deadline - time.monotonic())
             ssh.banner_timeout = ssh.handshake_timeout = remaining
             ssh.auth_timeout = remaining
-            known = _KnownHosts.load(known_hosts_path)
-            lookup_name = _lookup_name(host, port)
-            known_keys = known.lookup(lookup_name)
+            known = KnownHosts.load(known_hosts_path)
+            name = lookup_name(host, port)
+            known_keys = known.lookup(name)
             _prefer_known_key_types(ssh, known_keys)
             _prefer_fast_ciphers(ssh)
             done = threading.Event()
@@ -355,10 +358,12 @@ def open_ssh_transport(
                 raise ssh.get_exception() or paramiko.SSHException("negotiation failed")
 
             attempt.stage = "checking the host key"
-            _check_host_key(
-                ssh.get_remote_server_key(),
+            server_key = ssh.get_remote_server_key()
+            check_host_key(
+                server_key.get_name(),
+                server_key.asbytes(),
                 known_keys,
-                lookup_name=lookup_name,
+                lookup_name=name,
                 host=host,
                 port=port,
                 address=address,
@@ -399,34 +404,9 @@ def open_ssh_transport(
     return transport
 
 
-# --- host keys for other SSH clients ------------------------------------------------
-# ``transports.ssh_async`` speaks SSH with asyncssh but pins host keys with the same
-# known_hosts reader, policies and messages as this module: one implementation.
-
-
-def known_host_keys(known_hosts: Optional[str], host: str, port: int
-                    ) -> list[tuple[str, bytes, bool]]:
-    """The keys known_hosts holds for ``host:port``: ``(type, public blob, revoked)``."""
-    path = os.path.expanduser(known_hosts or DEFAULT_KNOWN_HOSTS)
-    known = _KnownHosts.cached(path).lookup(_lookup_name(host, port))
-    return [(k.key.get_name(), k.key.asbytes(), k.revoked) for k in known]
-
-
-def check_offered_host_key(key_type: str, blob: bytes, *, known_hosts: Optional[str],
-                           host: str, port: int, user: Optional[str], policy: str) -> None:
-    """Check a host key offered to another SSH client against known_hosts.
-
-    Raises:
-        HostKeyError: revoked, changed, or unknown under policy ``"reject"`` (the same
-            messages as a paramiko connection gives). Under ``"accept-new"`` an unknown
-            key is appended to known_hosts.
-    """
-    path = os.path.expanduser(known_hosts or DEFAULT_KNOWN_HOSTS)
-    lookup_name = _lookup_name(host, port)
-    key = paramiko.PKey.from_type_string(key_type, blob)
-    _check_host_key(key, _KnownHosts.load(path).lookup(lookup_name), lookup_name=lookup_name,
-                    host=host, port=port, address=format_address(user, host, port),
-                    path=path, policy=policy)
+# --- for other SSH clients --------------------------------------------------------
+# ``transports.ssh_async`` loads keys with asyncssh but checks a key file first with
+# this one, for vmexec's messages (a passphrase, a missing file, an unusable key).
 
 
 def check_key_file(path: str) -> None:
@@ -486,11 +466,6 @@ def _discard(attempt: _Attempt) -> None:
             pass
 
 
-def _lookup_name(host: str, port: int) -> str:
-    # OpenSSH's known_hosts naming: bare host on port 22, "[host]:port" otherwise.
-    return host if port == 22 else f"[{host}]:{port}"
-
-
 def _prefer_fast_ciphers(ssh: paramiko.Transport) -> None:
     # AES-GCM encrypts and authenticates in one pass; with many small frames it cuts
     # ~15% off a loopback round trip against paramiko's default aes128-ctr + HMAC.
@@ -499,7 +474,7 @@ def _prefer_fast_ciphers(ssh: paramiko.Transport) -> None:
     options.ciphers = first + tuple(c for c in options.ciphers if c not in first)
 
 
-def _prefer_known_key_types(ssh: paramiko.Transport, known: list[_KnownKey]) -> None:
+def _prefer_known_key_types(ssh: paramiko.Transport, known: list[KnownKey]) -> None:
     # Like OpenSSH: ask first for the host-key types we already know, so a server with
     # several host keys proves the one we can check instead of presenting a new type.
     known = [k for k in known if not k.revoked]
@@ -508,80 +483,13 @@ def _prefer_known_key_types(ssh: paramiko.Transport, known: list[_KnownKey]) -> 
     options = ssh.get_security_options()
     wanted: list[str] = []
     for entry in known:
-        for algorithm in _KEY_ALGORITHMS.get(entry.key.get_name(), (entry.key.get_name(),)):
+        for algorithm in _KEY_ALGORITHMS.get(entry.key_type, (entry.key_type,)):
             if algorithm in options.key_types and algorithm not in wanted:
                 wanted.append(algorithm)
     if wanted:
         options.key_types = tuple(wanted) + tuple(
             k for k in options.key_types if k not in wanted
         )
-
-
-def _check_host_key(
-    key: paramiko.PKey,
-    known: list[_KnownKey],
-    *,
-    lookup_name: str,
-    host: str,
-    port: int,
-    address: str,
-    path: str,
-    policy: str,
-) -> None:
-    offered = f"{key.get_name()} {fingerprint(key)}"
-    if any(k.revoked and k.key == key for k in known):
-        raise HostKeyError(
-            f"the SSH host key of {address} ({offered}) is marked @revoked in {path}: "
-            "refusing to connect. Ask the machine's owner for its current key."
-        )
-    trusted = [k for k in known if not k.revoked]
-    if any(k.key == key for k in trusted):
-        return
-    if trusted:
-        # A different key for a known host is refused under every policy, whatever its
-        # type: accepting it is exactly what a man in the middle needs.
-        had = "; ".join(
-            f"{k.key.get_name()} {fingerprint(k.key)} (line {k.lineno})" for k in trusted
-        )
-        raise HostKeyError(
-            f"the SSH host key of {address} has CHANGED: {path} has {had}, the server "
-            f"offered {offered}. This can be a man-in-the-middle attack or a reinstalled "
-            "machine; vmexec never accepts a changed key. If the change is expected, "
-            f"remove the old entry with `ssh-keygen -R '{lookup_name}' -f {path}` and "
-            "connect again."
-        )
-    if policy == "accept-new":
-        _append_known_host(path, lookup_name, key)
-        log.warning("ssh %s: added new host key %s to %s", address, offered, path)
-        return
-    shown_host = host
-    raise HostKeyError(
-        f"unknown SSH host key for {address} ({offered}): it is not in {path}. If this "
-        f"is the right machine, add its key with `ssh-keyscan -p {port} {shown_host} >> "
-        f"{path}` (compare the fingerprint out of band), or pass "
-        'host_key_policy="accept-new" to trust a host on first use.'
-    )
-
-
-def _append_known_host(path: str, lookup_name: str, key: paramiko.PKey) -> None:
-    line = f"{lookup_name} {key.get_name()} {key.get_base64()}\n"
-    directory = os.path.dirname(path)
-    with _KNOWN_HOSTS_LOCK:
-        if directory:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-        # Append, never rewrite: the file may hold comments, hashed names and markers
-        # that a rewrite by paramiko.HostKeys.save would lose.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "a", encoding="utf-8") as f:
-            if f.tell() > 0 and not _ends_with_newline(path):
-                f.write("\n")
-            f.write(line)
-
-
-def _ends_with_newline(path: str) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
 
 
 def _authenticate(
@@ -721,118 +629,3 @@ def _translate(exc: BaseException, attempt: _Attempt) -> TransportError:
     return TransportError(
         f"unexpected error {attempt.stage} ({where}): {_describe(exc)}"
     )
-
-
-# --- known_hosts -----------------------------------------------------------------
-
-
-@dataclass
-class _KnownKey:
-    key: paramiko.PKey
-    lineno: int
-    revoked: bool = False
-
-
-class _KnownHosts:
-    """The parts of an OpenSSH known_hosts file vmexec needs: lookup with hashed names,
-    patterns and ``@revoked`` markers. A malformed line is skipped (paramiko.HostKeys
-    raises on some), as OpenSSH does."""
-
-    def __init__(self, lines: list[tuple[int, list[str], str, _KnownKey]]) -> None:
-        self._lines = lines
-        # Lines whose names are all plain (no pattern, negation or hash) are indexed by
-        # name: a fleet's known_hosts has a line per machine, and a scan per connection
-        # would make connecting N machines cost N² matches.
-        self._exact: dict[str, list[tuple[int, _KnownKey]]] = {}
-        self._other: list[tuple[int, list[str], str, _KnownKey]] = []
-        for line in lines:
-            lineno, names, marker, known = line
-            if marker or any(n.startswith(("!", "|")) or "*" in n or "?" in n for n in names):
-                self._other.append(line)
-                continue
-            for name in names:
-                self._exact.setdefault(name.lower(), []).append((lineno, known))
-
-    @classmethod
-    def cached(cls, path: str) -> _KnownHosts:
-        """``load``, reused while the file's size and modification time are unchanged."""
-        try:
-            st = os.stat(path)
-            stamp: tuple[Any, ...] = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except OSError:
-            stamp = ()
-        with _KNOWN_HOSTS_LOCK:
-            hit = _known_hosts_cache.get(path)
-        if hit is not None and hit[0] == stamp and stamp:
-            return hit[1]
-        loaded = cls.load(path)
-        with _KNOWN_HOSTS_LOCK:
-            _known_hosts_cache[path] = (stamp, loaded)
-        return loaded
-
-    @classmethod
-    def load(cls, path: str) -> _KnownHosts:
-        try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-        except FileNotFoundError:
-            return cls([])
-        except OSError as exc:
-            raise TransportError(f"cannot read known_hosts file {path}: {exc}") from exc
-        lines = []
-        for lineno, raw in enumerate(text.splitlines(), 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            marker = ""
-            if line.startswith("@"):
-                marker, _, line = line.partition(" ")
-                line = line.strip()
-                if marker != "@revoked":  # @cert-authority: certificates unsupported
-                    continue
-            try:
-                entry = paramiko.hostkeys.HostKeyEntry.from_line(line, lineno)
-            except (paramiko.hostkeys.InvalidHostKey, paramiko.SSHException, ValueError):
-                entry = None
-            if entry is None:
-                log.debug("%s:%d: skipping unreadable known_hosts line", path, lineno)
-                continue
-            names = entry.hostnames
-            lines.append(
-                (lineno, names, marker, _KnownKey(entry.key, lineno, marker == "@revoked"))
-            )
-        return cls(lines)
-
-    def lookup(self, name: str) -> list[_KnownKey]:
-        found = list(self._exact.get(name.lower(), ()))
-        for lineno, names, marker, known in self._other:
-            if marker == "@revoked" or _matches(name, names):
-                found.append((lineno, known))
-        found.sort(key=lambda entry: entry[0])  # file order, as a full scan gives
-        return [known for _, known in found]
-
-
-_known_hosts_cache: dict[str, tuple[tuple[Any, ...], _KnownHosts]] = {}
-
-
-@functools.lru_cache(maxsize=256)
-def _glob(pattern: str) -> re.Pattern[str]:
-    # OpenSSH patterns know only `*` and `?`; fnmatch would read "[host]:port" as a
-    # character class.
-    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern.lower())
-    return re.compile("".join(parts))
-
-
-def _matches(name: str, patterns: list[str]) -> bool:
-    matched = False
-    for pattern in patterns:
-        negated = pattern.startswith("!")
-        pattern = pattern[1:] if negated else pattern
-        if pattern.startswith("|1|"):
-            hit = paramiko.HostKeys.hash_host(name, pattern) == pattern
-        else:
-            hit = _glob(pattern).fullmatch(name.lower()) is not None
-        if hit and negated:
-            return False
-        matched = matched or hit
-    return matched

@@ -37,14 +37,13 @@ import asyncssh
 from vmexec.errors import ConfigError, HostKeyError, TransportError
 from vmexec.transports import aio
 from vmexec.transports.base import Transport
-from vmexec.transports.ssh import (
+from vmexec.transports.hostkeys import (
     HOST_KEY_POLICIES,
-    STDERR_TAIL_BYTES,
-    check_key_file,
     check_offered_host_key,
     format_address,
     known_host_keys,
 )
+from vmexec.transports.ssh import STDERR_TAIL_BYTES, check_key_file
 
 __all__ = ["AsyncSSHTransport", "open_async_ssh", "CONNECT_CONCURRENCY"]
 
