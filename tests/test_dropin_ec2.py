@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import _require_sshd
+import helpers
 from test_localcloud import REGION, _require_ec2_provider, assert_clean, e2e_options
 from vmexec.testing.localcloud import LocalCloud
 
@@ -35,10 +35,7 @@ def predict(x: int) -> tuple[int, object, object]:
 
 @pytest.fixture(scope="module")
 def cloud() -> Iterator[LocalCloud]:
-    _require_sshd()
-    with LocalCloud(regions=[REGION]) as lc:
-        yield lc
-        assert lc.offmachine_requests == [], "a request tried to leave the local cloud"
+    yield from helpers.local_cloud(REGION)
 
 
 def test_initializer_globals_are_the_tasks_globals_on_ec2(cloud: LocalCloud) -> None:
