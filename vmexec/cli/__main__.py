@@ -1,0 +1,7 @@
+"""``python -m vmexec.cli``: the ``vmexec`` command."""
+
+import sys
+
+from vmexec.cli import main
+
+sys.exit(main())
