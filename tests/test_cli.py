@@ -126,6 +126,14 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([]) == 2
 
 
+@pytest.mark.parametrize("module", ["vmexec", "vmexec.cli"])
+def test_python_dash_m_runs_the_command(module: str) -> None:
+    """``python -m vmexec`` and ``python -m vmexec.cli`` are the console script."""
+    done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("vmexec "), done.stderr
+
+
 def test_bad_age_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["cleanup", "--older-than", "soon"])
