@@ -42,6 +42,7 @@ FULL_SUITE_FILES = {
     "test_named_fleet.py": "boots fake VMs in the local cloud",
     "test_suspended_client.py": "boots fake VMs in the local cloud",
     "test_ec2_launch.py": "launches on moto and connects over SSH to sshd 'machines'",
+    "test_ec2_teardown.py": "fleets torn down in every region, at exit and on signals",
     "test_env_install.py": "installs environments into fresh venvs (and the local cloud)",
     "test_boot_hardening.py": "installs uv with pip into a venv; runs boot scripts",
     "test_simfleet.py": "hundreds of simulated machines",
@@ -60,7 +61,6 @@ FULL_SUITE_TESTS = {
     "test_dropin.py::test_initializer_globals_are_the_tasks_globals_like_process_pool":
         "a ProcessPoolExecutor and a fleet, each initialized",
     "test_hardening_misc.py::test_sighup_tears_the_fleet_down": "a client in a subprocess",
-    "test_ec2_teardown.py::test_signal_tears_the_fleet_down": "a client in a subprocess",
     "test_named_adoption.py::test_an_instance_only_tagged_as_the_fleet_is_not_adopted":
         "two fleets on moto",
     "test_ssh_faults.py::test_dropped_connection_requeues_tasks_on_another_machine":
@@ -77,7 +77,6 @@ FULL_SUITE_TESTS = {
         "two fleets on moto",
     "test_budget.py::test_find_leftovers_reports_a_failed_query": "queries every region",
     "test_budget.py::test_find_leftovers_names_an_earlier_fleet": "queries every region",
-    "test_ec2_teardown.py::test_interpreter_exit_tears_the_fleet_down": "a client in a subprocess",
     "test_guardrails_output.py::test_chatty_worker_gets_one_warning_and_bounded_memory":
         "a worker printing megabytes",
     "test_cli_guardrails.py::test_doctor_against_moto": "`vmexec doctor` checks every region",
