@@ -169,6 +169,8 @@ def may_import(importer: str, imported: str) -> bool:
 def _modules() -> dict[str, Path]:
     found = {}
     for path in sorted(ROOT.rglob("*.py")):
+        if "scripts" in path.relative_to(ROOT).parts:
+            continue  # programs run on machines, not modules (tests/test_scripts.py)
         parts = ("vmexec", *path.relative_to(ROOT).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts = parts[:-1]
