@@ -141,14 +141,15 @@ class Handout:
         # machines ...
         head = pending[0]
         per_slot = self.batch_size(head) if head.batchable else 1
-        for machine in list(free_set):
+        # Each turn either fills a machine's idle slots (it leaves ``free``) or empties
+        # the queue: no copy of the set, no pass over machines that get nothing.
+        while pending and free_set:
+            machine = next(iter(free_set))
             free = machine.slots - len(machine.inflight)
             if machine.state != Phase.READY or free <= 0:
                 del free_set[machine]
                 continue
             give(machine, free * per_slot)
-            if not pending:
-                break
         # ... then top up windows with fair shares of what is left, each share at
         # least one micro-batch. Not while the next item is from a map whose run time
         # is still unknown: its first calls (one per free slot) are probes, and the
