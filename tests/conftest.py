@@ -77,6 +77,9 @@ FULL_SUITE_TESTS = {
         "two fleets on moto",
     "test_budget.py::test_find_leftovers_reports_a_failed_query": "queries every region",
     "test_budget.py::test_find_leftovers_names_an_earlier_fleet": "queries every region",
+    "test_budget.py::test_spot_estimate_uses_spot_prices_and_shows_on_demand":
+        "moto's spot price history",
+    "test_budget.py::test_provider_plan_says_when_a_price_is_unknown": "plans a fleet on moto",
     "test_guardrails_output.py::test_chatty_worker_gets_one_warning_and_bounded_memory":
         "a worker printing megabytes",
     "test_cli_guardrails.py::test_doctor_against_moto": "`vmexec doctor` checks every region",
