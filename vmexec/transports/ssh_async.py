@@ -12,9 +12,9 @@ idle. At a thousand machines that is three thousand threads and measurable idle 
 no thread, no timer and no wake-up per idle machine. paramiko stays the library for
 short blocking sessions (``transports.ssh``: boot probes, installs, tests).
 
-Host keys are checked by the same code as ``transports.ssh`` (known_hosts parsing,
-``reject``/``accept-new`` policies, the messages), and errors are translated here, in
-``_translate``, the one place that knows asyncssh's exception types.
+Host keys are checked by the same code as ``transports.ssh`` (``transports.hostkeys``:
+known_hosts parsing, ``reject``/``accept-new`` policies, the messages), and errors are
+translated here, in ``_translate``, the one place that knows asyncssh's exception types.
 
 asyncssh is imported here and nowhere else in vmexec.
 Must not import: providers, scheduler, executor, protocol.
