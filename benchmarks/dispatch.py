@@ -54,6 +54,39 @@ def round_trip_p50(ex: Executor, calls: int = 1000) -> float:
     return statistics.median(samples)
 
 
+def ssh_echo_p50(server: object, calls: int = 1000) -> float:
+    """Median round trip of 40 bytes through the client's SSH channel to ``cat`` and back:
+    the transport's own floor, with no agent, worker or future in the way."""
+    import threading
+
+    from vmexec.providers.ssh import parse_host
+    from vmexec.transports import aio
+    from vmexec.transports.ssh_async import open_async_ssh
+
+    user, host, port = parse_host(server.host_string)  # type: ignore[attr-defined]
+    aio.hold()
+    try:
+        transport = aio.run(open_async_ssh(
+            host, port, user, key_filename=server.client_key,  # type: ignore[attr-defined]
+            known_hosts=server.known_hosts, timeout=30,  # type: ignore[attr-defined]
+            command="cat")).result(30)
+        echoed = threading.Event()
+        transport.start(lambda data: echoed.set(), lambda reason: echoed.set())
+        samples = []
+        for i in range(calls + 50):
+            echoed.clear()
+            start = time.perf_counter()
+            transport.write(b"x" * 40)
+            echoed.wait(10)
+            if i >= 50:
+                samples.append(time.perf_counter() - start)
+        transport.close()
+        transport.join(10)
+        return statistics.median(samples)
+    finally:
+        aio.release()
+
+
 def measure(name: str, make: Callable[[], Executor], items: int, rounds: int) -> dict[str, float]:
     with make() as ex:
         row = {
@@ -88,6 +121,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     2, provider="ssh", hosts=[server.host_string], ssh_key=server.client_key,
                     known_hosts=server.known_hosts, python=sys.executable), args.items,
                     args.rounds)
+                echo = ssh_echo_p50(server)
+                print(f"{'ssh echo (cat)':<24} round trip p50 {echo * 1e6:.0f} µs: the SSH "
+                      f"transport alone, {echo / ppe['p50']:.2f}x ProcessPoolExecutor's "
+                      "submit round trip", flush=True)
 
     print("\nratios (vmexec / ProcessPoolExecutor; throughput: higher is better, "
           "latency: lower is better)")
