@@ -37,11 +37,11 @@ from vmexec.providers.ec2.fleet import InstanceWatcher, RegionClients
 from vmexec.providers.ec2.options import EC2Options
 from vmexec.providers.ec2.setup import Reach
 from vmexec.providers.ec2.userdata import FAILED, NOTICE_FILE, READY, FleetKeys, \
-    agent_command, keep_active_command, probe_command
+    agent_command, keep_active_command, probe_command, script_text
 from vmexec.transports.base import Transport
 from vmexec.transports.ssh import open_ssh_transport
 
-__all__ = ["Connector", "POWEROFF"]
+__all__ = ["Connector", "poweroff_argv"]
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,10 @@ _PROBE_WAIT = 30
 _CONSOLE_TAIL = 2000
 _INSTALLED = "__VMEXEC_ENVIRONMENT_INSTALLED__"
 
-# The agent's power-off argv: the same override as the boot script's dead-man loop.
-POWEROFF = ["sh", "-c", 'cmd="${VMEXEC_POWEROFF:-}"; if [ -z "$cmd" ]; then '
-                        'if [ "$(id -u)" = 0 ]; then cmd="shutdown -h now"; '
-                        'else cmd="sudo -n shutdown -h now"; fi; fi; eval "$cmd"']
+def poweroff_argv() -> list[str]:
+    """The agent's power-off command: ``scripts/poweroff.sh`` under ``sh -c`` (the
+    machine has no copy of the package's scripts; the argv carries it)."""
+    return ["sh", "-c", script_text("poweroff.sh")]
 
 
 class _BootFailed(Exception):
@@ -255,7 +255,7 @@ class Connector:
         with self._lock:
             root = self._roots.get(record.id, "")
         options: dict[str, object] = {"notice_file": f"{root.rstrip('/')}/{NOTICE_FILE}",
-                                      "poweroff": POWEROFF}
+                                      "poweroff": poweroff_argv()}
         if self.environment is not None:
             # The skew guard's expected value, and the workers' environment variables
             # (over SSH: never in user-data, which anyone on the machine can read).
