@@ -15,7 +15,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from vmexec.environment.capture import find_local_code, source_tree_hash
-from vmexec.environment.install import _copy_project
+from vmexec.environment.build import _copy_project
 from vmexec.providers.ec2.userdata import BootSpec, FleetKeys, render_userdata
 
 if sys.version_info >= (3, 11):

@@ -6,7 +6,7 @@ The pipeline (client side, before any launch, then per region, then on each mach
     resolve_environment / capture  -> EnvSpec            (capture.py, spec.py)
     preflight(spec, archs)         -> {arch: Resolution}  (preflight.py: uv pip compile,
                                                             refuses what has no build)
-    build_artifacts                -> [Artifact]          (install.py: locks, local wheels,
+    build_artifacts                -> [Artifact]          (build.py: locks, local wheels,
                                                             code wheels; pack.py: conda-pack)
       (prepare_environment does the three steps above)
     stage_artifacts(session, ...)  -> presigned URLs      (stage.py: S3, once per region)
