@@ -28,7 +28,6 @@ import tempfile
 import zipfile
 from typing import Mapping, Optional
 
-from vmexec.environment.capture import IGNORED_DIRS, GitIgnore
 from vmexec.environment.pack import conda_arch, pack_environment
 from vmexec.environment.preflight import Resolution, find_uv
 from vmexec.environment.spec import (
@@ -38,6 +37,7 @@ from vmexec.environment.spec import (
     LocalCode,
     default_cache_dir,
 )
+from vmexec.environment.tree import IGNORED_DIRS, GitIgnore
 from vmexec.errors import EnvSyncError
 
 __all__ = [
