@@ -96,10 +96,11 @@ INTERFACES: dict[str, tuple[str, ...]] = {
 }
 INTERFACE_USERS = ("scheduler", "executor")
 
-# Third-party libraries beyond the always-installed core (cloudpickle, tenacity,
-# psutil, cryptography): the modules that may import each. Optional ones are extras
-# (pyproject.toml), so nothing else may pull them in. A library missing here fails
-# the test: add it, with the modules that need it.
+# Every third-party library vmexec imports, and the modules that may import it: the
+# dependencies of every install (cloudpickle, tenacity, psutil, cryptography, paramiko,
+# asyncssh) are kept where they belong, and the optional ones (extras in
+# pyproject.toml) must not leak into modules that run without them. A library missing
+# here fails the test: add it, with the modules that need it.
 THIRD_PARTY: dict[str, tuple[str, ...]] = {
     "cloudpickle": ("vmexec.pickling", "vmexec.agent", "vmexec.testing.simfleet"),
     "tenacity": ("vmexec.retry",),
