@@ -170,3 +170,18 @@ def test_userdata_carries_the_package_scripts_within_the_limit() -> None:
         assert all(line in script.splitlines() for line in commands), name
     # Values arrive as variables in the header, never formatted into the files.
     assert "vmx-files" not in script.split("\nembedded_script()")[1]
+
+
+def test_probe_reports_what_the_client_parses(tmp_path: Path) -> None:
+    from vmexec.providers.ec2.userdata import READY, WAITING, probe_command
+
+    root = tmp_path / "vm"
+    (root / "var/lib/vmexec").mkdir(parents=True)
+    env = {**os.environ, "VMEXEC_ROOT": str(root)}
+    waiting = subprocess.run(["sh", "-c", probe_command(1)], env=env, capture_output=True,
+                             text=True, timeout=30)
+    assert waiting.stdout.splitlines()[0] == WAITING
+    (root / "var/lib/vmexec/ready").touch()
+    ready = subprocess.run(["sh", "-c", probe_command(5)], env=env, capture_output=True,
+                           text=True, timeout=30)
+    assert ready.stdout.splitlines()[0] == f"{READY} {root}"

@@ -435,21 +435,12 @@ def keep_active_command(command: str, root: str = _ROOT, every: int = 5) -> str:
 def probe_command(wait_seconds: int, tail_bytes: int = 4000, root: str = _ROOT) -> str:
     """A remote command that reports the boot's outcome, waiting up to ``wait_seconds``.
 
-    It prints ``READY`` and the machine's ``$VMEXEC_ROOT`` (empty on a real machine);
-    or ``FAILED`` followed by the reason and the end of the boot log; or, if the boot is
-    still running when the wait ends, ``WAITING`` and the end of the log. The client
-    reads the first line.
+    ``scripts/probe.sh`` under ``sh -c`` (any POSIX login shell): it prints ``READY``
+    and the machine's ``$VMEXEC_ROOT`` (empty on a real machine); or ``FAILED``
+    followed by the reason and the end of the boot log; or, if the boot is still running
+    when the wait ends, ``WAITING`` and the end of the log. The client reads the first
+    line.
     """
-    state = f"{root}/var/lib/vmexec"
-    log = f"{root}/var/log/vmexec-boot.log"
-    script = (
-        f'touch "{root}/opt/vmexec/client/active" 2>/dev/null; '
-        f'i=0; while [ "$i" -lt {int(wait_seconds)} ]; do '
-        f'if [ -e "{state}/ready" ]; then echo "{READY} {root}"; exit 0; fi; '
-        f'if [ -e "{state}/failed" ]; then echo {FAILED}; cat "{state}/failed"; '
-        f'echo "--- end of {log}:"; tail -c {int(tail_bytes)} "{log}" 2>/dev/null; exit 0; fi; '
-        f'sleep 1; i=$((i+1)); done; '
-        f'echo {WAITING}; tail -c {int(tail_bytes)} "{log}" 2>/dev/null; exit 0'
-    )
-    # The login shell may be any sh; the probe is POSIX sh.
-    return f"sh -c {_q(script)}"
+    where = f'"{_ROOT}"' if root == _ROOT else _q(root)  # expanded by the login shell
+    return (f"sh -c {_q(_compact(script_text('probe.sh')))} vmexec-probe "
+            f"{int(wait_seconds)} {int(tail_bytes)} {where}")
