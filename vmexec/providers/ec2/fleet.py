@@ -22,8 +22,9 @@ moves on, in this order::
 
 driven by the error codes of ``errors.classify``: ``InsufficientInstanceCapacity``,
 ``Unsupported``, ``SpotMaxPriceTooLow``, ``InsufficientCapacity``, ... and a fleet's
-partial result (its ``Errors`` list). Throttling is retried (``vmexec.retry.throttling``,
-with a ``ClientToken`` so that a retried call cannot launch twice). Quota errors stop the
+partial result (its ``Errors`` list). Throttling is retried by the client
+(``clients.RetryingClient``; the request carries a ``ClientToken`` so that a retried call
+cannot launch twice). Quota errors stop the
 launch with a ``QuotaError``; anything else stops it with the translated error. When no
 candidate has capacity at all, ``CapacityError``. Every group fails at most once per
 launch, so the number of calls is bounded by (regions x types x zones x purchase options),
