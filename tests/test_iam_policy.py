@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVICES = {"ec2": "ec2", "ssm": "ssm", "s3": "s3", "sts": "sts", "pricing": "pricing",
             "service-quotas": "servicequotas"}
 # The modules that create boto3 clients (the layer rule: boto3 lives there only).
+# (The EC2 teardown's instance_terminated waiter calls DescribeInstances, listed anyway.)
 AWS_MODULES = [*sorted((ROOT / "vmexec/providers/ec2").glob("*.py")),
-               ROOT / "vmexec/environment/stage.py", ROOT / "vmexec/cli.py",
-               ROOT / "vmexec/guardrails/pricing.py", ROOT / "vmexec/guardrails/budget.py"]
+               ROOT / "vmexec/environment/stage.py", *sorted((ROOT / "vmexec/cli").glob("*.py")),
+               ROOT / "vmexec/guardrails/pricing.py"]
 # API operation -> IAM actions, where they differ from "<prefix>:<operation>".
 IAM_FOR = {
     "s3:HeadBucket": {"s3:ListBucket"},
