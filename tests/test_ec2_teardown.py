@@ -23,6 +23,7 @@ from aws_fixtures import MIXED, REGIONS, TEST_CIDR, tagged
 from vmexec import VMExecutor
 from vmexec.errors import BrokenFleet
 from vmexec.providers.ec2 import EC2Provider
+from vmexec.providers.ec2.clients import RetryingClient, in_every_region, retrying
 from vmexec.providers.ec2.resources import find_resources
 from vmexec.providers.ec2.teardown import sweep
 from vmexec.testing.faults import ApiCallCounter
@@ -201,3 +202,34 @@ def test_interpreter_exit_tears_the_fleet_down(tmp_path: Path, server_url: str) 
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
     assert server_leftovers(server, REGIONS) == [], stderr[-3000:]
+
+
+# --- the shared pieces: every region at once, clients that retry throttling --------------
+
+def test_in_every_region_finishes_every_region_before_raising() -> None:
+    done: list[str] = []
+
+    def one(region: str) -> str:
+        if region == "us-east-1":
+            raise ValueError(f"{region} failed")
+        done.append(region)
+        return region.upper()
+
+    with pytest.raises(ValueError, match="us-east-1 failed"):
+        in_every_region(one, ["us-east-1", "us-west-2", "eu-west-1"])
+    assert sorted(done) == ["eu-west-1", "us-west-2"]
+    assert in_every_region(one, ["us-west-2", "eu-west-1"]) == {
+        "us-west-2": "US-WEST-2", "eu-west-1": "EU-WEST-1"}
+
+
+def test_retrying_client_wraps_api_calls_only(session: boto3.Session,
+                                              calls: ApiCallCounter) -> None:
+    raw = session.client("ec2", region_name="us-east-1")
+    client = retrying(raw)
+    assert isinstance(client, RetryingClient) and retrying(client) is client
+    assert client.meta is raw.meta and client.exceptions is raw.exceptions
+    assert client.describe_regions()["Regions"]
+    assert calls["DescribeRegions"] == 1
+    # The waiter is botocore's own (the teardown configures its delay).
+    assert client.get_waiter("instance_terminated").name == "InstanceTerminated"
+
