@@ -68,7 +68,7 @@ class MachineRecord:
     label: str
     slots: int
     provider: str
-    state: str = MachineState.PENDING  # a MachineState; see the module docstring
+    state: MachineState = MachineState.PENDING  # see the module docstring
     region: Optional[str] = None
     zone: Optional[str] = None
     instance_type: Optional[str] = None
