@@ -10,8 +10,9 @@
                exists; nothing is created here)
     launch     setup.py: per region, once: security group + launch template
                -> fleet.py: batched CreateFleet calls with capacity fallback
-    connect    connect.py: wait for "running" -> pinned SSH, retried while the machine
-               boots -> probe the boot outcome -> environment over SSH -> the agent
+    connect    connect.py: wait for "running" (watch.py) -> pinned SSH, retried while
+               the machine boots -> probe the boot outcome -> environment over SSH
+               -> the agent
     terminate  teardown.py: terminate + wait + delete SG/launch templates + verify by
                tag, every region; also from atexit and SIGINT/SIGTERM (lifecycle.py). A
                named fleet (named.py) keeps its ready machines warm instead, for a later
@@ -70,12 +71,13 @@ from vmexec.providers.ec2 import lifecycle, resources, teardown
 from vmexec.providers.ec2.clients import ClientFactory
 from vmexec.providers.ec2.connect import Connector
 from vmexec.providers.ec2.discovery import discover
-from vmexec.providers.ec2.fleet import InstanceWatcher, Launcher
+from vmexec.providers.ec2.fleet import Launcher
 from vmexec.providers.ec2.named import fleet_id_for
 from vmexec.providers.ec2.network import ClientNetwork, detect_ssh_cidr
 from vmexec.providers.ec2.options import EC2Options
 from vmexec.providers.ec2.plan import allocate
 from vmexec.providers.ec2.setup import Reach, RegionSetups, template_data
+from vmexec.providers.ec2.watch import InstanceWatcher
 from vmexec.providers.ec2.userdata import (
     DEFAULT_MAX_LIFETIME,
     BootSpec,

@@ -33,9 +33,10 @@ from vmexec.environment.install import built_builds, redact_urls, stdin_command
 from vmexec.environment.stage import stage_artifacts
 from vmexec.errors import TransportError
 from vmexec.providers.base import MachineRecord, MachineState
-from vmexec.providers.ec2.fleet import InstanceWatcher, RegionClients
+from vmexec.providers.ec2.fleet import RegionClients
 from vmexec.providers.ec2.options import EC2Options
 from vmexec.providers.ec2.setup import Reach
+from vmexec.providers.ec2.watch import InstanceWatcher
 from vmexec.providers.ec2.userdata import FAILED, NOTICE_FILE, READY, FleetKeys, \
     agent_command, keep_active_command, probe_command, script_text
 from vmexec.transports.base import Transport
