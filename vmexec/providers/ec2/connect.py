@@ -111,9 +111,12 @@ class Connector:
             transport.close()
 
     def staged_regions(self) -> list[str]:
-        """Regions where the environment's artifacts were staged."""
-        with self._staging_lock:
-            return list(self._install_scripts)
+        """Regions where the environment's artifacts were staged.
+
+        Without the staging lock: the teardown asks, and must not wait for an upload in
+        progress (list() of a dict is one step under the GIL).
+        """
+        return list(self._install_scripts)
 
     def connect(self, record: MachineRecord, timeout: float) -> Transport:
         """``EC2Provider.connect`` (its docstring says what is returned and raised)."""
