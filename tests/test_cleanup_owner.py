@@ -14,6 +14,7 @@ import boto3
 import pytest
 
 from vmexec import cli
+from vmexec.cli import resources as cli_resources
 from vmexec.providers.ec2 import resources
 from vmexec.providers.ec2.resources import TAG_FLEET, TAG_OWNER, caller_owner
 
@@ -76,7 +77,7 @@ def test_cleanup_deletes_exactly_what_it_listed(
     owner = me(server_url)
     listed = group(server_url, "listed", owner)
     created_after: list[str] = []
-    find = cli._find
+    find = cli_resources._find
 
     def find_then_another_fleet_starts(args: Any, clients: Any) -> Any:
         found = find(args, clients)
@@ -84,7 +85,7 @@ def test_cleanup_deletes_exactly_what_it_listed(
         created_after.append(group(server_url, "started-meanwhile", owner, "vmx-new"))
         return found
 
-    monkeypatch.setattr(cli, "_find", find_then_another_fleet_starts)
+    monkeypatch.setattr(cli_resources, "_find", find_then_another_fleet_starts)
     assert run(server_url, "--yes") == 0
     out = capsys.readouterr().out
     assert listed in out and "deleted 1 security-group(s)" in out

@@ -128,15 +128,12 @@ LOADED_BY_OTHERS = {"cryptography", "packaging"}
 KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
     # boto3 lives under providers/ec2 and environment/stage only (STYLE.md). The price
     # list sits below the providers, so it should be handed what it needs (a session
-    # or a fetch function) by its caller, the EC2 provider or the CLI; the CLI, above
-    # the providers, should make its clients with providers.ec2.clients and catch the
-    # errors providers.ec2.errors translates.
+    # or a fetch function) by its caller, the EC2 provider or the CLI (which reaches
+    # AWS through providers.ec2.clients).
     ("vmexec.guardrails.pricing", "boto3"):
         "guardrails/pricing.py: take the session/clients from the caller",
     ("vmexec.guardrails.pricing", "botocore"):
         "guardrails/pricing.py: let the caller translate AWS errors",
-    ("vmexec.cli", "boto3"): "cli/: make sessions and clients through providers.ec2.clients",
-    ("vmexec.cli", "botocore"): "cli/: catch the errors providers.ec2.errors translates",
 }
 
 

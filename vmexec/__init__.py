@@ -53,7 +53,8 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    # The lazy names too (PEP 562): dir() and tab completion show the whole API.
+    return sorted(set(globals()) | set(_LAZY) | set(__all__))
 
 
 __all__ = [

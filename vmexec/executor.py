@@ -96,8 +96,7 @@ class VMExecutor(Executor):
                                     poweroff=self._provider.poweroff_on_watchdog,
                                     cost=self._cost)
         # Like ProcessPoolExecutor's attribute, which dask reads to size its queue.
-        self._max_workers: Optional[int] = max_workers or getattr(self._provider, "max_workers",
-                                                                  None)
+        self._max_workers: Optional[int] = max_workers or self._provider.max_workers
         self._shutdown_lock = threading.Lock()
         self._shutdown_called = False
         # The scheduler must not keep the executor alive: if the executor is collected
@@ -120,9 +119,9 @@ class VMExecutor(Executor):
         """The fleet at full scale: regions, types, architectures, machines, slots, $/h."""
         if self._cost.plan_cost is not None:
             return self._cost.plan_cost.text()
-        plan = getattr(self._provider, "plan", None)
-        if plan is not None:
-            return str(plan.text())
+        cost_plan = self._provider.cost_plan()
+        if cost_plan is not None:
+            return str(cost_plan.plan.text())
         return (f"provider {self._provider.name!r}: up to {self._max_workers or 'one per CPU'} "
                 "slots on machines you already have ($0)")
 

@@ -13,7 +13,7 @@ from small reusable groups (``aws_options``, ``region_options``, ...)::
 vmexec's errors into a one-line message and an exit status (0 ok, 1 something remains or
 failed, 2 usage/configuration error).
 
-boto3 is imported only inside the AWS helpers (``vmexec.cli.aws``), and vmexec's EC2,
+AWS is reached only through the AWS helpers (``vmexec.cli.aws``), and vmexec's EC2,
 pricing and SSH modules only when a command needs them, so ``vmexec --help`` works
 without the ``aws`` extra. Nothing imports this package; ``python -m vmexec.cli`` and
 the ``vmexec`` console script (``vmexec.cli:main``) run it.
@@ -44,7 +44,6 @@ from vmexec.errors import ConfigError, VMExecError
 # The command modules register their commands on import, in the order `vmexec --help`
 # lists them.
 from vmexec.cli import resources, prices, doctor, project  # noqa: E402,F401,I001  isort:skip
-from vmexec.cli.resources import _find  # noqa: E402,F401  (tests replace it there)
 
 __all__ = ["main", "command", "COMMANDS", "Command", "Handler", "ArgumentGroup",
            "build_parser", "aws_options", "region_options", "fleet_options",

@@ -1,6 +1,7 @@
 """The CLI's AWS helpers: sessions, EC2 clients per region, AWS errors in one phrase.
 
-The only place the CLI touches boto3 and botocore, each imported when a command first
+The CLI reaches AWS only through the EC2 provider's ``clients`` module (its one boto3
+session and client factory, throttling retried there), imported when a command first
 needs it, so ``vmexec --help`` works without the ``aws`` extra.
 """
 
@@ -23,13 +24,13 @@ def aws_session(args: argparse.Namespace, required: bool = True) -> Any:
         ConfigError: no credentials (``required``).
     """
     try:
-        import boto3
+        from vmexec.providers.ec2 import clients
     except ImportError:
         if not required:
             return None
         raise ProviderNotAvailable("vmexec's AWS commands need boto3: "
                                    "pip install 'vmexec[aws]'") from None
-    session = boto3.Session(profile_name=args.profile) if args.profile else boto3.Session()
+    session = clients.session(args.profile)
     if session.get_credentials() is None:
         if not required:
             return None
@@ -39,9 +40,9 @@ def aws_session(args: argparse.Namespace, required: bool = True) -> Any:
 
 
 def aws_errors() -> tuple[type[BaseException], ...]:
-    from botocore.exceptions import BotoCoreError, ClientError
+    from vmexec.providers.ec2.clients import AWS_ERRORS
 
-    return (ClientError, BotoCoreError)
+    return AWS_ERRORS
 
 
 def brief(exc: BaseException) -> str:
@@ -58,11 +59,11 @@ def ec2_clients(args: argparse.Namespace) -> dict[str, Any]:
     Raises:
         ConfigError: no credentials, or boto3 missing.
     """
+    from vmexec.providers.ec2.clients import ClientFactory
+
     session = aws_session(args)
     home = session.region_name or "us-east-1"
-
-    def client(region: str) -> Any:
-        return session.client("ec2", region_name=region, endpoint_url=args.endpoint_url)
+    client = ClientFactory(session, args.endpoint_url).ec2
 
     regions = args.regions
     if not regions:

@@ -96,7 +96,7 @@ def cleanup(args: argparse.Namespace) -> int:
     ``--yes``, deletes exactly the resources it printed (terminates the instances, waits,
     deletes the rest) and checks that they are gone; anything created meanwhile is left.
     """
-    from vmexec.providers.ec2.resources import delete_listed
+    from vmexec.providers.ec2.teardown import delete_listed
 
     clients = ec2_clients(args)
     found = _find(args, clients)

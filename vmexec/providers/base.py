@@ -103,6 +103,10 @@ class Provider(abc.ABC):
             TransportError: the machine could not be reached in time (with the reason).
         """
 
+    #: Task slots at full scale, as the user asked or the provider decided (the
+    #: executor's ``max_workers``); None: decided by the machines (e.g. SSH hosts' CPUs).
+    max_workers: Optional[int] = None
+
     #: True when ``connect_async`` is implemented: the scheduler then connects on the
     #: shared I/O loop with no thread per booting machine (see ``transports.aio``).
     connects_async: bool = False

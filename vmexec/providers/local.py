@@ -45,6 +45,7 @@ class LocalProvider(Provider):
     """
 
     name = "local"
+    max_workers: int  # always known here: os.cpu_count() when not given
 
     def __init__(self, max_workers: Optional[int], *, machines: int = 1,
                  python: Optional[str] = None, **unknown: Any) -> None:

@@ -208,6 +208,7 @@ def _serve(config_path: str, workdir: str) -> None:  # pragma: no cover - subpro
 
     from vmexec import protocol
     from vmexec.protocol import FrameReader, Msg, decode, encode_frame
+    from vmexec.transports.ssh import SSH_CIPHERS
 
     _like_openssh(asyncssh)
     with open(config_path, encoding="utf-8") as f:
@@ -480,8 +481,7 @@ def _serve(config_path: str, workdir: str) -> None:  # pragma: no cover - subpro
                 authorized_client_keys=authorized, server_factory=lambda: SimServer(index),
                 line_editor=False, encoding=None, config=None,
                 reuse_address=True, backlog=128, keepalive_interval=0,
-                encryption_algs=("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
-                                 "chacha20-poly1305@openssh.com", "aes128-ctr"),
+                encryption_algs=SSH_CIPHERS,
                 compression_algs=None))
             counters["listening"] += 1
 

@@ -43,7 +43,7 @@ from vmexec.transports.hostkeys import (
     format_address,
     known_host_keys,
 )
-from vmexec.transports.ssh import STDERR_TAIL_BYTES, check_key_file
+from vmexec.transports.ssh import SSH_CIPHERS, STDERR_TAIL_BYTES, check_key_file
 
 __all__ = ["AsyncSSHTransport", "open_async_ssh", "CONNECT_CONCURRENCY"]
 
@@ -58,8 +58,6 @@ CONNECT_CONCURRENCY = 64
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 2.0
 
-_FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
-                 "chacha20-poly1305@openssh.com", "aes128-ctr")
 
 _semaphore: Optional[asyncio.Semaphore] = None
 _semaphore_loop: Optional[asyncio.AbstractEventLoop] = None
@@ -356,7 +354,7 @@ async def open_async_ssh(host: str, port: int, user: str, *, key_filename: Optio
                     client_keys=[key] if key is not None else (),
                     agent_path=None if key is not None else (),
                     known_hosts=lambda h, a, p: (trusted, [], []),
-                    encryption_algs=_FAST_CIPHERS, compression_algs=None,
+                    encryption_algs=SSH_CIPHERS, compression_algs=None,
                     keepalive_interval=0, connect_timeout=timeout,
                     login_timeout=timeout), timeout)
                 stage = f"starting the command {command!r}"
@@ -409,7 +407,7 @@ def _skip_ignore_padding(conn: Any) -> None:
 
     asyncssh inserts one before each encrypted packet, a countermeasure against
     chosen-plaintext attacks on CBC ciphers. vmexec negotiates only AEAD and CTR ciphers
-    (``_FAST_CIPHERS``), where it protects nothing, and OpenSSH never sends them; each
+    (``SSH_CIPHERS``), where it protects nothing, and OpenSSH never sends them; each
     one costs an encryption and a socket write on the client and a decryption on the
     server: a third of the client's I/O time per task round trip. Only that empty
     IGNORE is dropped, and only after authentication.

@@ -26,12 +26,13 @@ import threading
 from typing import Any, Callable, Iterable, Optional, TypeVar
 
 from botocore.config import Config
-from botocore.exceptions import InvalidRegionError
+from botocore.exceptions import BotoCoreError, ClientError, InvalidRegionError
 
 from vmexec import retry
 from vmexec.errors import ConfigError
 
-__all__ = ["CONFIG", "ClientFactory", "RetryingClient", "retrying", "in_every_region"]
+__all__ = ["AWS_ERRORS", "CONFIG", "ClientFactory", "RetryingClient", "retrying", "session",
+           "in_every_region"]
 
 T = TypeVar("T")
 
@@ -80,6 +81,18 @@ def retrying(client: Any) -> Any:
     For the functions of this package that the CLI also calls with clients of its own.
     """
     return client if isinstance(client, RetryingClient) else RetryingClient(client)
+
+
+#: What an AWS call raises when it fails (an API error, or the SDK's own).
+AWS_ERRORS: tuple[type[BaseException], ...] = (ClientError, BotoCoreError)
+
+
+def session(profile: Optional[str] = None) -> Any:
+    """A ``boto3.Session`` (of ``profile`` when given), for callers outside this package
+    (the CLI) that must not import boto3 themselves."""
+    import boto3
+
+    return boto3.Session(profile_name=profile) if profile else boto3.Session()
 
 
 class ClientFactory:
