@@ -156,3 +156,23 @@ def test_a_slow_machine_gives_back_its_queued_tasks() -> None:
     # The slow machine (1 s per task) ran only a few; the fast one (0.1 s) the rest,
     # including tasks taken back from the slow machine's queue.
     assert released >= 1
+
+
+def test_idle_heartbeats_keep_machines_alive_without_waking_the_inbox() -> None:
+    # An idle fleet sends little else than heartbeats; each is noted on the I/O loop
+    # (the machine's last_heard) instead of waking the inbox thread.
+    with SimFleet(machines=20, slots=1) as fleet:
+        with VMExecutor(max_workers=20, heartbeat_interval=0.5, heartbeat_timeout=10,
+                        **fleet.executor_options()) as ex:
+            assert list(ex.map(sleep_task, [0.2] * 20, range(20))) == list(range(20))
+            scheduler = ex._scheduler
+            woken: list[object] = []
+            put = scheduler._inbox_put
+            scheduler._inbox_put = lambda entry: (woken.append(entry), put(entry))[1]
+            time.sleep(3.0)  # about 6 heartbeats from each of 20 machines
+            now = time.monotonic()
+            machines = scheduler.machines()
+            assert len(machines) == 20
+            assert all(now - m.last_heard < 1.5 for m in machines), "heartbeats were seen"
+            assert len(woken) < 20, f"the inbox was woken {len(woken)} times for heartbeats"
+            assert ex.submit(square, 4).result(timeout=30) == 16
