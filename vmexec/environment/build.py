@@ -24,6 +24,7 @@ import platform as platform_module
 import re
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 import zipfile
 from typing import Mapping, Optional
@@ -69,15 +70,18 @@ def _code_distribution(code: LocalCode) -> tuple[str, str]:
     return f"vmexec_code_{stem}", f"0+{code.digest[:16]}"
 
 
-def _write_wheel(path: str, info: str, entries: list[tuple[str, bytes]]) -> str:
+def _write_wheel(path: str, info: str, entries: list[tuple[str, bytes]],
+                 modes: Optional[Mapping[str, int]] = None) -> str:
     """Write a wheel of ``entries`` (archive name, bytes) plus its RECORD, with fixed
-    timestamps and modes so that equal entries give equal bytes."""
+    timestamps, and modes 0644 unless ``modes`` says otherwise (an executable a wheel
+    installs), so that equal entries give equal bytes."""
+    modes = modes or {}
     record = "".join(f"{arc},sha256={_urlsafe_sha256(data)},{len(data)}\n"
                      for arc, data in entries) + f"{info}/RECORD,,\n"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for arc, data in [*entries, (f"{info}/RECORD", record.encode())]:
             item = zipfile.ZipInfo(arc, date_time=_FIXED_DATE)
-            item.external_attr = 0o644 << 16
+            item.external_attr = modes.get(arc, 0o644) << 16
             item.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(item, data)
     return path
@@ -120,8 +124,9 @@ def repack_installed(name: str, dest: str) -> str:
     """A wheel of installed distribution ``name`` made from its installed files.
 
     For local packages installed from a file that is gone (tox's sdist, a wheel in a
-    temporary folder). Scripts outside site-packages are left out (the installer makes
-    console scripts again from ``entry_points.txt``).
+    temporary folder). Console scripts are left out (the installer makes them again
+    from ``entry_points.txt``); other files in the interpreter's scripts folder (a
+    binary such as uv's) go in the wheel's ``.data/scripts``, with their modes.
 
     Args:
         name: the distribution.
@@ -144,9 +149,21 @@ def repack_installed(name: str, dest: str) -> str:
     stem = re.sub(r"[-_.]+", "_", dist.metadata["Name"])
     info = f"{stem}-{dist.version}.dist-info"
     entries: list[tuple[str, bytes]] = []
+    modes: dict[str, int] = {}
+    scripts_dir = pathlib.Path(sysconfig.get_path("scripts")).resolve()
+    console = {ep.name for ep in dist.entry_points
+               if ep.group in ("console_scripts", "gui_scripts")}
     for file in dist.files or ():
         parts = str(file).replace(os.sep, "/").split("/")
-        if parts[0] == ".." or "__pycache__" in parts or parts[-1].endswith(".pyc"):
+        if "__pycache__" in parts or parts[-1].endswith(".pyc"):
+            continue
+        if parts[0] == "..":
+            located = pathlib.Path(str(file.locate())).resolve()
+            if located.parent == scripts_dir and located.name not in console \
+                    and located.is_file():
+                arc = f"{stem}-{dist.version}.data/scripts/{located.name}"
+                entries.append((arc, located.read_bytes()))
+                modes[arc] = located.stat().st_mode & 0o777
             continue
         if parts[0].endswith(".dist-info"):
             if parts[-1] in ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json"):
@@ -154,12 +171,14 @@ def repack_installed(name: str, dest: str) -> str:
             parts = [info, *parts[1:]]
         located = pathlib.Path(str(file.locate()))
         if located.is_file():
-            entries.append(("/".join(parts), located.read_bytes()))
+            arc = "/".join(parts)
+            entries.append((arc, located.read_bytes()))
+            modes[arc] = located.stat().st_mode & 0o777
     if not any(arc.startswith(info + "/METADATA") for arc, _ in entries):
         raise EnvSyncError(f"{name}: its installed files list no metadata (an editable "
                            "install?); cannot repack it")
     path = os.path.join(dest, f"{stem}-{dist.version}-{python}-{abi}-{plat}.whl")
-    return _write_wheel(path, info, sorted(entries))
+    return _write_wheel(path, info, sorted(entries), modes)
 
 
 def _copy_project(source: str, dest: str) -> str:
