@@ -31,6 +31,7 @@ from vmexec.providers.ec2.plan import (
 from vmexec.testing.faults import ApiCallCounter
 
 from aws_fixtures import MIXED, REGIONS, TEST_CIDR, launches, tagged
+from helpers import FakeRoute
 
 # --- pure planning --------------------------------------------------------------------
 
@@ -236,33 +237,13 @@ def test_ami_override(make_provider: Callable[..., EC2Provider], session: boto3.
 
 # --- the client's address --------------------------------------------------------------
 
-class _FakeUDP:
-    def __init__(self, address: str) -> None:
-        self.address = address
-
-    def __call__(self, *args: Any) -> "_FakeUDP":
-        return self
-
-    def __enter__(self) -> "_FakeUDP":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        pass
-
-    def connect(self, address: Any) -> None:  # a UDP connect sends nothing
-        pass
-
-    def getsockname(self) -> tuple[str, int]:
-        return (self.address, 40000)
-
-
 def test_ssh_cidr_default_is_this_clients_public_address(monkeypatch: pytest.MonkeyPatch
                                                          ) -> None:
-    monkeypatch.setattr(socket, "socket", _FakeUDP("1.2.3.4"))
+    monkeypatch.setattr(socket, "socket", FakeRoute("1.2.3.4"))
     assert detect_ssh_cidr() == "1.2.3.4/32"
 
 
 def test_ssh_cidr_default_refuses_a_private_address(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(socket, "socket", _FakeUDP("192.168.1.23"))
+    monkeypatch.setattr(socket, "socket", FakeRoute("192.168.1.23"))
     with pytest.raises(ConfigError, match=r"192\.168\.1\.23 is private.*ssh_cidr="):
         detect_ssh_cidr()
