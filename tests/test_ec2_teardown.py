@@ -139,13 +139,16 @@ def server_leftovers(url: str, regions: list[str]) -> list[Any]:
 
 
 CLIENT = textwrap.dedent("""
-    import sys, time, logging
+    import sys, time, logging, signal
     import boto3
     from vmexec import VMExecutor
     from vmexec.providers.ec2 import EC2Provider
 
     url, mode = sys.argv[1], sys.argv[2]
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    # A program started from a terminal: SIGHUP is not ignored, even when the tests
+    # themselves run under nohup (vmexec leaves an ignored SIGHUP ignored).
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     options = dict(instance_type=["c7g.large", "c7i.large"],
                    regions=["us-east-1", "us-west-2"], ssh_cidr="203.0.113.7/32",
                    endpoint_url=url, session=boto3.Session(region_name="us-east-1"),
