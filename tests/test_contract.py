@@ -291,13 +291,13 @@ def test_callable_crosses_the_wire_once_per_machine(make_executor):
 def test_cached_callables_are_bounded_per_machine(make_executor):
     import functools
 
-    from vmexec import scheduler
+    from vmexec.scheduling import handout
 
     with make_executor() as ex:
         futures = [ex.submit(functools.partial(helpers.add, i), 1) for i in range(600)]
         assert [f.result(timeout=120) for f in futures] == [i + 1 for i in range(600)]
         [machine] = ex._scheduler.machines()
-        assert len(machine.digests) <= scheduler._MAX_CACHED_CALLABLES + 300  # window slack
+        assert len(machine.digests) <= handout._MAX_CACHED_CALLABLES + 300  # window slack
         assert ex.submit(helpers.add, 2, 2).result(timeout=60) == 4
 
 

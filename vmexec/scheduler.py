@@ -73,7 +73,6 @@ from vmexec.progress import Progress
 from vmexec.protocol import (Heartbeat, Msg, Ping, Release, Result, Shutdown, decode,
                              encode_frame, encode_handshake)
 from vmexec.providers.base import MachineRecord, MachineState, Provider
-from vmexec.scheduling.handout import _MAX_CACHED_CALLABLES  # noqa: F401 (tests read it here)
 from vmexec.scheduling.handout import Handout
 from vmexec.scheduling.items import MapItem, WorkItem
 from vmexec.scheduling.machine import Link, Machine, Phase
